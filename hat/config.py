@@ -1,0 +1,293 @@
+"""Typed, frozen run configuration.
+
+Config files (`configs/*.py`) build an `ml_collections.ConfigDict` with a `get_config()`.
+`from_config_dict` converts it once into the frozen dataclasses below and validates it;
+an unknown key, a wrong type or an inconsistent value raises `ConfigError` naming the
+dotted key. Everything downstream takes these dataclasses, never the ConfigDict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+import types
+import typing
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config key is unknown, mistyped or inconsistent; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """One transformer stack (backbone, byte encoder or byte decoder)."""
+
+  num_layers: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 4  # < num_heads gives grouped-query attention
+  head_dim: int = 16
+  mlp_dim: int = 176  # SwiGLU hidden width
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Which model, its stacks and its numerics."""
+
+  kind: str = "hat"  # hat | bpe | byte
+  backbone: TransformerConfig = TransformerConfig()
+  encoder: TransformerConfig = TransformerConfig(num_layers=1, d_model=32, num_heads=2,
+                                                 num_kv_heads=2, head_dim=16, mlp_dim=88)
+  decoder: TransformerConfig = TransformerConfig(num_layers=1, d_model=32, num_heads=2,
+                                                 num_kv_heads=2, head_dim=16, mlp_dim=88)
+  vocab_size: int = 0  # bpe only; 0 = take it from the tokenizer
+  tie_byte_embeddings: bool = False  # HAT: share encoder and decoder byte tables
+  compute_dtype: str = "float32"  # float32 | bfloat16
+  param_dtype: str = "float32"
+  attention_impl: str = "xla"  # xla | cudnn | splash
+  remat: str = "none"  # none | full | dots
+  scan_layers: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where text comes from and how it is laid out into static-shape batches.
+
+  Sources are strings (see `hat.data.sources`): `builtin`, `text:<path>`,
+  `tfds:<name>[:<split>]`; a mixture is `spec=weight,spec=weight`.
+  """
+
+  train: str = "builtin"
+  eval: str = ""  # name=spec,name=spec ; empty = the train source's validation split
+  doc_mode: str = "blank_line"  # file | blank_line | line : how text files become documents
+  validation_fraction: float = 0.02
+  splitter: str = "whitespace"  # whitespace | unicode
+  max_word_bytes: int = 31
+  window_bytes: int = 512  # byte budget per training sequence (paper: 16,384)
+  max_units: int = 160  # HAT: backbone positions per sequence (start/end units included)
+  row_len: int = 64  # HAT: byte slots per packed row (units never straddle rows)
+  num_rows: int = 10  # HAT: packed rows per sequence
+  max_tokens: int = 192  # BPE / byte LM: token positions per sequence
+  overflow: str = "carry"  # carry | error : what a window that exceeds capacity does
+  tokenizer: str = ""  # BPE: path to a SentencePiece model
+  batch_size: int = 8  # global batch, sequences
+  seed: int = 0
+  num_workers: int = 0  # grain worker processes; 0 = in-process
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with warmup + cosine decay; defaults are the paper's recipe."""
+
+  lr: float = 0.0  # 0 = paper rule 3e-4 * 32 / backbone heads
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  warmup_steps: int = 500
+  final_lr_fraction: float = 0.1
+  grad_clip: float = 1.0
+  grad_accum: int = 1
+  z_loss: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The whole run."""
+
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  steps: int = 1000
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 8
+  ckpt_every: int = 500
+  keep_checkpoints: int = 3
+  seed: int = 0
+  mesh: str = "data=-1,fsdp=1,tensor=1"
+  init_from: str = ""
+  reset_optimizer: bool = True
+  sample_prompt: str = "The "
+  sample_bytes: int = 120
+
+
+_CHOICES = {
+    "model.kind": ("hat", "bpe", "byte"),
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention_impl": ("xla", "cudnn", "splash"),
+    "model.remat": ("none", "full", "dots"),
+    "data.doc_mode": ("file", "blank_line", "line"),
+    "data.splitter": ("whitespace", "unicode"),
+    "data.overflow": ("carry", "error"),
+}
+
+
+def _convert(cls: type, value: Any, path: str) -> Any:
+  """Recursively builds dataclass `cls` from a mapping, naming any bad key."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if dataclasses.is_dataclass(value):
+    value = dataclasses.asdict(value)
+  if not isinstance(value, dict):
+    raise ConfigError(f"{path or 'config'}: expected a mapping, got {value!r}")
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(value) - set(fields))
+  if unknown:
+    where = ", ".join(f"{path}.{k}" if path else k for k in unknown)
+    raise ConfigError(f"unknown config key(s): {where}; valid keys here: {sorted(fields)}")
+  kwargs = {}
+  for name, raw in value.items():
+    key = f"{path}.{name}" if path else name
+    hint = hints[name]
+    if dataclasses.is_dataclass(hint):
+      kwargs[name] = _convert(hint, raw, key)
+      continue
+    kwargs[name] = _coerce(hint, raw, key)
+  return cls(**kwargs)
+
+
+def _coerce(hint: Any, raw: Any, key: str) -> Any:
+  if hint is bool:
+    if isinstance(raw, bool):
+      return raw
+    raise ConfigError(f"{key}: expected a bool, got {raw!r}")
+  if hint is int:
+    if isinstance(raw, bool) or not isinstance(raw, int):
+      raise ConfigError(f"{key}: expected an int, got {raw!r}")
+    return raw
+  if hint is float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+      raise ConfigError(f"{key}: expected a number, got {raw!r}")
+    return float(raw)
+  if hint is str:
+    if not isinstance(raw, str):
+      raise ConfigError(f"{key}: expected a string, got {raw!r}")
+    return raw
+  if typing.get_origin(hint) in (types.UnionType, typing.Union):
+    return raw
+  return raw
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+  if not cond:
+    raise ConfigError(f"{key}: {msg}")
+
+
+def _validate_stack(t: TransformerConfig, key: str) -> None:
+  for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+    _check(getattr(t, name) > 0, f"{key}.{name}", "must be positive")
+  _check(t.num_heads % t.num_kv_heads == 0, f"{key}.num_kv_heads",
+         f"must divide num_heads={t.num_heads}, got {t.num_kv_heads}")
+  _check(t.head_dim % 2 == 0, f"{key}.head_dim", "must be even for rotary embeddings")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+  """Checks choices and cross-field consistency; returns cfg or raises ConfigError."""
+  flat = {"model": cfg.model, "data": cfg.data}
+  for key, choices in _CHOICES.items():
+    section, name = key.split(".")
+    value = getattr(flat[section], name)
+    _check(value in choices, key, f"must be one of {choices}, got {value!r}")
+  m, d = cfg.model, cfg.data
+  _validate_stack(m.backbone, "model.backbone")
+  if m.kind == "hat":
+    _validate_stack(m.encoder, "model.encoder")
+    _validate_stack(m.decoder, "model.decoder")
+    if m.tie_byte_embeddings:
+      _check(m.encoder.d_model == m.decoder.d_model, "model.tie_byte_embeddings",
+             "needs model.encoder.d_model == model.decoder.d_model")
+    _check(d.max_word_bytes >= 4, "data.max_word_bytes",
+           "must be >= 4 so that any UTF-8 character fits in one piece")
+    _check(d.row_len >= d.max_word_bytes + 1, "data.row_len",
+           f"must be >= max_word_bytes + 1 = {d.max_word_bytes + 1} so any word fits a row")
+    _check(d.max_units >= 3, "data.max_units", "must be >= 3")
+    _check(d.num_rows >= 1, "data.num_rows", "must be >= 1")
+  if m.kind == "bpe":
+    _check(bool(d.tokenizer) or m.vocab_size > 0, "data.tokenizer",
+           "a BPE model needs a SentencePiece model path (tools/train_tokenizer.py)")
+  if m.kind in ("bpe", "byte"):
+    _check(d.max_tokens >= 2, "data.max_tokens", "must be >= 2")
+  _check(d.window_bytes >= 1, "data.window_bytes", "must be positive")
+  _check(d.batch_size >= 1, "data.batch_size", "must be positive")
+  _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction", "must be in [0, 1)")
+  _check(cfg.steps >= 1, "steps", "must be positive")
+  _check(cfg.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
+  _check(0.0 <= cfg.optim.final_lr_fraction <= 1.0, "optim.final_lr_fraction", "must be in [0, 1]")
+  return cfg
+
+
+def from_config_dict(cd: ml_collections.ConfigDict | dict) -> TrainConfig:
+  """Converts and validates a ConfigDict (or nested dict) into a frozen TrainConfig."""
+  return validate(_convert(TrainConfig, cd, ""))
+
+
+def default_config_dict() -> ml_collections.ConfigDict:
+  """A ConfigDict holding every key with its default; config files start from it."""
+  return ml_collections.ConfigDict(dataclasses.asdict(TrainConfig()))
+
+
+def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """Imports `path` and returns its `get_config()`."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"_hat_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config()")
+  return module.get_config()
+
+
+def apply_overrides(cd: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+  """Applies `key.path=value` strings (the `--config.` prefix optional), typed by the default."""
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.removeprefix("--").removeprefix("config.")
+    node, parts = cd, key.split(".")
+    for p in parts[:-1]:
+      if p not in node:
+        raise ConfigError(f"unknown config key: {key}")
+      node = node[p]
+    if parts[-1] not in node:
+      raise ConfigError(f"unknown config key: {key}")
+    old = node[parts[-1]]
+    node[parts[-1]] = _parse_like(old, raw, key)
+  return cd
+
+
+def _parse_like(old: Any, raw: str, key: str) -> Any:
+  try:
+    if isinstance(old, bool):
+      if raw.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(raw)
+      return raw.lower() in ("true", "1")
+    if isinstance(old, int):
+      return int(raw)
+    if isinstance(old, float):
+      return float(raw)
+  except ValueError:
+    raise ConfigError(f"{key}: cannot parse {raw!r} as {type(old).__name__}") from None
+  return raw
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+  """Plain nested dict, for JSON in run directories."""
+  return dataclasses.asdict(cfg)
+
+
+def resolve(config_path: str | None, overrides: list[str]) -> TrainConfig:
+  """Config file (or defaults) + overrides -> validated TrainConfig."""
+  cd = load_config_file(config_path) if config_path else default_config_dict()
+  return from_config_dict(apply_overrides(cd, overrides))
