@@ -210,7 +210,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(d.row_len >= d.max_word_bytes + 1, "data.row_len",
            f"must be >= max_word_bytes + 1 = {d.max_word_bytes + 1} so any word fits a row")
     _check(d.max_units >= 3, "data.max_units", "must be >= 3")
-    _check(d.num_rows >= 1, "data.num_rows", "must be >= 1")
+    _check(d.num_rows >= 2 or d.row_len >= d.max_word_bytes + 2, "data.num_rows",
+           "one row must hold a START unit and the longest word: use >= 2 rows or "
+           "row_len >= max_word_bytes + 2")
   if m.kind == "bpe":
     _check(bool(d.tokenizer) or m.vocab_size > 0, "data.tokenizer",
            "a BPE model needs a SentencePiece model path (tools/train_tokenizer.py)")
