@@ -37,6 +37,7 @@ same-unit mask (bidirectional in the encoder, causal in the decoder).
   target_mask_BxS    int32  1 where the slot's target counts in the loss (not START, pad)
   num_bytes_B        int32  real text bytes in the sequence (bpb denominator)
   num_units_B        int32  units used (overflow/utilisation statistics)
+  overflow_B         int32  1 if the sequence continues a window that overflowed capacity
 
 Token layout (`kind in ("bpe", "byte")`)
 ----------------------------------------
@@ -49,7 +50,8 @@ target). T = `max_tokens`.
   target_mask_BxT    int32  1 where the target counts in the loss
   segment_BxT        int32  document-segment id, 1-based; 0 = padding
   pos_BxT            int32  position within the segment; RoPE
-  num_bytes_B        int32  real text bytes in the sequence (bpb denominator)
+  num_bytes_B        int32  real text bytes predicted in the sequence (bpb denominator)
+  overflow_B         int32  1 if the sequence continues a window that overflowed capacity
 
 Overflow
 --------
@@ -62,6 +64,6 @@ from __future__ import annotations
 
 HAT_KEYS = ("unit_segment_BxW", "unit_pos_BxW", "unit_slot_BxW", "slot_ids_BxS",
             "slot_unit_BxS", "slot_pos_BxS", "targets_BxS", "target_mask_BxS", "num_bytes_B",
-            "num_units_B")
+            "num_units_B", "overflow_B")
 TOKEN_KEYS = ("tokens_BxT", "targets_BxT", "target_mask_BxT", "segment_BxT", "pos_BxT",
-              "num_bytes_B")
+              "num_bytes_B", "overflow_B")
