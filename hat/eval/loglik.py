@@ -1,0 +1,159 @@
+"""Log-likelihood of a continuation given a context, for HAT and token models.
+
+`Scorer.loglikelihood(context, continuation)` is the summed log-probability of the
+symbols the model emits *after* the last context byte:
+
+- HAT: every byte of the continuation, and the `[W]` of every word that ends at or after
+  the context's end and before the text's end. A word that straddles the split is scored
+  from inside the word, so the split point may fall anywhere, even mid-word, and scores
+  add up exactly: `ll(a, b + c) == ll(a, b) + ll(a + b, c)`. The final word's `[W]` is
+  not counted: the text may go on.
+- BPE / byte LM: the tokens of `encode(continuation)` after `BOS + encode(context)`
+  (the lm-evaluation-harness convention).
+
+Requests are laid out with the run's static shapes and scored in fixed-size batches by
+one jit-compiled function, so nothing recompiles per request. A context longer than the
+layout holds keeps its most recent words / tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hat.data import layout
+from hat.data.layout import Segment
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+  """Summed log-prob (nats) of a continuation, and whether greedy decoding produces it."""
+
+  logprob: float
+  is_greedy: bool
+  num_symbols: int
+
+
+def _as_bytes(x: str | bytes) -> bytes:
+  return x.encode("utf-8") if isinstance(x, str) else bytes(x)
+
+
+@jax.jit
+def _token_logprobs(logits_BxLxV, targets_BxL):
+  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+  lp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  greedy_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
+  return lp_BxL, greedy_BxL
+
+
+class Scorer:
+  """Scores (context, continuation) pairs with a trained model of any kind."""
+
+  def __init__(self, model: nnx.Module, cfg, tokenizer=None, batch_size: int = 8):
+    self.cfg, self.tok, self.batch_size = cfg, tokenizer, batch_size
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, batch):
+      return nnx.merge(graphdef, state)(batch)
+
+    self._forward = lambda b: forward(state, {k: jnp.asarray(v) for k, v in b.items()})
+    if cfg.model.kind == "hat":
+      from hat.text.splitter import Splitter
+      self.splitter = Splitter(cfg.data.splitter, cfg.data.max_word_bytes)
+    elif tokenizer is None:
+      raise ValueError(f"model.kind={cfg.model.kind!r} needs its tokenizer to score text")
+
+  # ------------------------------------------------------------------ request layout
+
+  def _hat_request(self, context: bytes, continuation: bytes):
+    """(sequence, mask of counted slots) for one HAT request."""
+    d = self.cfg.data
+    words = list(self.splitter.split(context + continuation))
+    start = 0  # byte offset of words[0] in context + continuation
+    while True:
+      try:
+        seq = layout.hat_sequences([Segment(tuple(words), False)], max_units=d.max_units,
+                                   num_rows=d.num_rows, row_len=d.row_len, overflow="error")[0]
+        break
+      except layout.CapacityError:
+        if len(words) <= 1 or start + len(words[0]) > len(context):
+          raise ValueError("continuation is too long for the layout's capacity "
+                           f"(data.max_units={d.max_units}, data.num_rows*row_len="
+                           f"{d.num_rows * d.row_len})") from None
+        start += len(words[0])
+        words = words[1:]
+    ctx_len, total = len(context) - start, len(context) + len(continuation) - start
+    lens = np.asarray([0] + [len(w) for w in words])  # unit 0 is START
+    offs = np.concatenate([[0], np.cumsum(lens[1:]) - lens[1:]])
+    unit, k = seq["slot_unit_BxS"], seq["slot_pos_BxS"]
+    u = np.maximum(unit, 0)
+    is_word = (unit >= 1) & (unit < len(lens))
+    byte_off = offs[np.minimum(u, len(lens) - 1)] + k
+    word_end = offs[np.minimum(u, len(lens) - 1)] + lens[np.minimum(u, len(lens) - 1)]
+    is_byte = is_word & (k < lens[np.minimum(u, len(lens) - 1)])
+    is_w = is_word & ~is_byte
+    count = (is_byte & (byte_off >= ctx_len)) | \
+            (is_w & (word_end >= ctx_len) & (word_end < total))
+    count &= seq["target_mask_BxS"].astype(bool)
+    return seq, count, "targets_BxS"
+
+  def _token_request(self, context: bytes, continuation: bytes):
+    """(sequence, mask of counted positions) for one BPE / byte-LM request."""
+    t = self.cfg.data.max_tokens
+    ctx, cont = list(self.tok.encode(context)), list(self.tok.encode(continuation))
+    if len(cont) + 1 > t:
+      raise ValueError(f"continuation has {len(cont)} tokens, more than data.max_tokens={t}")
+    ctx = ctx[max(0, len(ctx) + len(cont) + 1 - t):]
+    ids = [self.tok.bos_id] + ctx + cont
+    n = len(ids)
+    tokens = np.full(t, self.tok.pad_id, np.int32)
+    tokens[:n] = ids
+    targets = np.full(t, self.tok.pad_id, np.int32)
+    targets[:n - 1] = ids[1:]
+    count = np.zeros(t, bool)
+    count[len(ctx):n - 1] = True
+    seq = {"tokens_BxT": tokens, "targets_BxT": targets,
+           "target_mask_BxT": count.astype(np.int32),
+           "segment_BxT": (np.arange(t) < n).astype(np.int32),
+           "pos_BxT": np.where(np.arange(t) < n, np.arange(t), 0).astype(np.int32),
+           "num_bytes_B": np.int32(len(continuation))}
+    return seq, count, "targets_BxT"
+
+  # ------------------------------------------------------------------------- scoring
+
+  def loglikelihood_many(self, requests: Sequence[tuple[str | bytes, str | bytes]]
+                         ) -> list[Score]:
+    """Scores many (context, continuation) pairs in fixed-size batches."""
+    make = self._hat_request if self.cfg.model.kind == "hat" else self._token_request
+    laid = [make(_as_bytes(c), _as_bytes(x)) for c, x in requests]
+    out: list[Score] = []
+    for i in range(0, len(laid), self.batch_size):
+      chunk = laid[i:i + self.batch_size]
+      rows = [s for s, _, _ in chunk]
+      rows += [rows[-1]] * (self.batch_size - len(rows))  # fixed batch shape
+      batch = layout.stack(rows)
+      key = chunk[0][2]
+      lp, greedy = _token_logprobs(self._forward(batch), jnp.asarray(batch[key]))
+      lp, greedy = np.asarray(lp, np.float64), np.asarray(greedy)
+      for j, (_, count, _) in enumerate(chunk):
+        out.append(Score(float(lp[j][count].sum()), bool(greedy[j][count].all()),
+                         int(count.sum())))
+    return out
+
+  def loglikelihood(self, context: str | bytes, continuation: str | bytes) -> Score:
+    """Summed log-prob of `continuation` after `context` (see the module docstring)."""
+    return self.loglikelihood_many([(context, continuation)])[0]
+
+  def choose(self, context: str | bytes, options: Sequence[str | bytes],
+             normalize: bool = False) -> tuple[int, list[float]]:
+    """Multiple choice: the option with the highest log-prob (per byte if `normalize`)."""
+    scores = self.loglikelihood_many([(context, o) for o in options])
+    vals = [s.logprob / max(1, len(_as_bytes(o))) if normalize else s.logprob
+            for s, o in zip(scores, options)]
+    return int(np.argmax(vals)), vals
