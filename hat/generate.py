@@ -97,7 +97,7 @@ class HATSampler:
     unit = int(seq["num_units_B"]) - 1
     slot = int(seq["unit_slot_BxW"][unit]) + len(partial)
     logits = self.forward(layout.stack([seq]))
-    return np.asarray(logits[0, slot], np.float32), words
+    return np.array(logits[0, slot], np.float32), words
 
   def generate(self, prompt: bytes, opts: SampleOptions) -> bytes:
     """Continues `prompt`; returns only the new bytes."""
@@ -156,7 +156,7 @@ class TokenSampler:
     cap = self.cfg.data.max_tokens - 1
     while len(self.tok.decode(new)) < opts.max_new_bytes:
       ctx = [self.tok.bos_id] + (ids + new)[-cap:]
-      logits = np.asarray(self.forward(self._batch(ctx))[0, len(ctx) - 1], np.float32)
+      logits = np.array(self.forward(self._batch(ctx))[0, len(ctx) - 1], np.float32)
       logits[self.tok.pad_id] = -np.inf
       if self.tok.bos_id != self.tok.eos_id:
         logits[self.tok.bos_id] = -np.inf

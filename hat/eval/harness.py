@@ -1,0 +1,67 @@
+"""Adapter for EleutherAI's lm-evaluation-harness (`lm_eval`).
+
+    import lm_eval
+    from hat.eval.harness import HarnessLM
+    lm = HarnessLM.from_workdir("runs/hat_en")
+    lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai"])
+
+Works for HAT, BPE and byte-level runs alike: log-likelihoods come from
+`hat.eval.loglik.Scorer` (exact for any context/continuation split), generation from
+`hat.generate`.
+"""
+
+from __future__ import annotations
+
+from lm_eval.api.model import LM
+
+from hat.eval.loglik import Scorer
+from hat.generate import SampleOptions, make_sampler
+
+
+class HarnessLM(LM):
+  """`lm_eval` LM backed by a trained hat model."""
+
+  def __init__(self, model, cfg, tokenizer=None, batch_size: int = 8,
+               max_gen_bytes: int = 256):
+    super().__init__()
+    self.cfg = cfg
+    self.scorer = Scorer(model, cfg, tokenizer, batch_size=batch_size)
+    self.sampler = make_sampler(model, cfg, tokenizer)
+    self.max_gen_bytes = max_gen_bytes
+
+  @classmethod
+  def from_workdir(cls, workdir: str, **kwargs) -> "HarnessLM":
+    """Loads the latest checkpoint of a training run."""
+    from hat.train.checkpoint import load_for_inference
+    model, cfg, tokenizer = load_for_inference(workdir)
+    return cls(model, cfg, tokenizer, **kwargs)
+
+  def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+    """(log P(continuation | context), is_greedy) per request."""
+    scores = self.scorer.loglikelihood_many([r.args[:2] for r in requests])
+    return [(s.logprob, s.is_greedy) for s in scores]
+
+  def loglikelihood_rolling(self, requests) -> list[float]:
+    """Log-likelihood of whole texts, scored in consecutive chunks with prior context."""
+    out = []
+    chunk = max(64, self.cfg.data.window_bytes // 2)
+    for r in requests:
+      text = r.args[0].encode("utf-8")
+      pieces = [(text[max(0, i - chunk):i], text[i:i + chunk])
+                for i in range(0, len(text), chunk)]
+      out.append(sum(s.logprob for s in self.scorer.loglikelihood_many(pieces)))
+    return out
+
+  def generate_until(self, requests) -> list[str]:
+    """Greedy (or `temperature`-sampled) continuations cut at the `until` strings."""
+    out = []
+    for r in requests:
+      context, kwargs = r.args[0], dict(r.args[1] if len(r.args) > 1 else {})
+      until = kwargs.get("until") or []
+      until = [until] if isinstance(until, str) else list(until)
+      opts = SampleOptions(temperature=float(kwargs.get("temperature", 0.0)),
+                           max_new_bytes=int(kwargs.get("max_gen_toks", self.max_gen_bytes)),
+                           stop=tuple(until), seed=int(kwargs.get("seed", 0)))
+      new = self.sampler.generate(context.encode("utf-8"), opts)
+      out.append(new.decode("utf-8", "replace"))
+    return out
