@@ -79,6 +79,7 @@ class DataConfig:
   batch_size: int = 8  # global batch, sequences
   seed: int = 0
   num_workers: int = 0  # grain worker processes; 0 = in-process
+  cache_dir: str = ""  # built corpora; empty = $HAT_CACHE or ~/.cache/hat
 
 
 @dataclasses.dataclass(frozen=True)
