@@ -219,7 +219,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
            "a BPE model needs a SentencePiece model path (tools/train_tokenizer.py)")
   if m.kind in ("bpe", "byte"):
     _check(d.max_tokens >= 2, "data.max_tokens", "must be >= 2")
-  _check(d.window_bytes >= 1, "data.window_bytes", "must be positive")
+  _check(d.window_bytes >= d.max_word_bytes, "data.window_bytes",
+         f"must be >= data.max_word_bytes={d.max_word_bytes} so every word fits a window")
   _check(d.batch_size >= 1, "data.batch_size", "must be positive")
   _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction", "must be in [0, 1)")
   _check(cfg.steps >= 1, "steps", "must be positive")
