@@ -1,0 +1,119 @@
+"""The hierarchical autoregressive transformer (HAT): byte encoder, word backbone, byte decoder.
+
+Consumes the packed-row HAT layout of `hat.data.batch`. Byte-level attention runs per
+packed row, (B·R, C, C), with a same-unit mask; the backbone runs over units, (B, W, W),
+with a same-segment causal mask. The decoder of unit j sees the predictive embedding of
+unit j-1 at its marker slot and its own earlier bytes after it, never later words.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hat.config import ModelConfig
+from hat.models.layers import TransformerStack, embed_lookup, param, to_dtype
+from hat.sharding import constrain
+from hat.text.codec import BYTE_VOCAB_SIZE
+
+
+def _gather_units(x_BxSxD: jax.Array, index_BxW: jax.Array) -> jax.Array:
+  """x[b, index[b, w]] for every (b, w)."""
+  return jnp.take_along_axis(x_BxSxD, index_BxW[:, :, None], axis=1)
+
+
+class HAT(nnx.Module):
+  """Encoder (bidirectional, per word) -> causal backbone (per word) -> decoder (per word)."""
+
+  def __init__(self, cfg: ModelConfig, *, row_len: int | None = None, rngs: nnx.Rngs):
+    enc, bb, dec = cfg.encoder, cfg.backbone, cfg.decoder
+    pd = to_dtype(cfg.param_dtype)
+    self.cfg = cfg
+    self.compute_dtype = to_dtype(cfg.compute_dtype)
+    # S = R·C is all the batch shapes say; the row length C must come from the data config.
+    self.row_len = row_len
+    stack = dict(attention_impl=cfg.attention_impl, compute_dtype=cfg.compute_dtype,
+                 param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers)
+    v = BYTE_VOCAB_SIZE
+    self.enc_embed = param(rngs, (v, enc.d_model), ("vocab", "embed"), fan_in=1, dtype=pd)
+    if not cfg.tie_byte_embeddings:
+      self.dec_embed = param(rngs, (v, dec.d_model), ("vocab", "embed"), fan_in=1, dtype=pd)
+    self.encoder = TransformerStack(enc, causal=False, rngs=rngs, **stack)
+    self.w_enc = param(rngs, (enc.d_model, bb.d_model), (None, "embed"),
+                       fan_in=enc.d_model, dtype=pd)
+    self.backbone = TransformerStack(bb, causal=True, rngs=rngs, **stack)
+    self.w_dec = param(rngs, (bb.d_model, dec.d_model), ("embed", None),
+                       fan_in=bb.d_model, dtype=pd)
+    self.decoder = TransformerStack(dec, causal=True, rngs=rngs, **stack)
+    self.head = param(rngs, (dec.d_model, v), ("embed", "vocab"), fan_in=dec.d_model, dtype=pd)
+
+  def _dec_table(self) -> jax.Array:
+    return (self.enc_embed if self.cfg.tie_byte_embeddings else self.dec_embed)[...]
+
+  def _run_rows(self, stack: TransformerStack, x_BxSxd: jax.Array, slot_unit_BxS: jax.Array,
+                slot_pos_BxS: jax.Array, row_len: int) -> jax.Array:
+    """Runs a byte-level stack per packed row: (B, S, d) -> (B*R, C, d) -> (B, S, d)."""
+    batch, slots, width = x_BxSxd.shape
+    if slots % row_len:
+      raise ValueError(f"{slots} slots are not whole rows of row_len={row_len}")
+    rows = slots // row_len
+    x_NxCxd = x_BxSxd.reshape(batch * rows, row_len, width)
+    # Unit index + 1 as the segment: attention stays in the unit, padding (-1 -> 0) alone.
+    segment_NxC = (slot_unit_BxS + 1).reshape(batch * rows, row_len)
+    pos_NxC = slot_pos_BxS.reshape(batch * rows, row_len)
+    y_NxCxd = stack(x_NxCxd, segment_BxL=segment_NxC, pos_BxL=pos_NxC)
+    return y_NxCxd.reshape(batch, slots, width)
+
+  def encode(self, batch: dict, row_len: int) -> jax.Array:
+    """Byte encoder read out at each unit's marker slot, projected: words_BxWxD."""
+    cd = self.compute_dtype
+    x_BxSxd = embed_lookup(self.enc_embed[...], batch["slot_ids_BxS"], cd)
+    h_BxSxd = self._run_rows(self.encoder, x_BxSxd, batch["slot_unit_BxS"],
+                             batch["slot_pos_BxS"], row_len)
+    e_BxWxd = _gather_units(h_BxSxd, batch["unit_slot_BxW"])
+    words_BxWxD = jnp.einsum("bwd,de->bwe", e_BxWxd.astype(cd), self.w_enc[...].astype(cd))
+    return constrain(words_BxWxD, ("batch", "units", "embed"))
+
+  def backbone_forward(self, words_BxWxD: jax.Array, unit_segment_BxW: jax.Array,
+                       unit_pos_BxW: jax.Array) -> jax.Array:
+    """Causal word backbone -> predictive embeddings p_BxWxd (p_j predicts unit j+1)."""
+    h_BxWxD = self.backbone(words_BxWxD, segment_BxL=unit_segment_BxW, pos_BxL=unit_pos_BxW)
+    cd = self.compute_dtype
+    p_BxWxd = jnp.einsum("bwe,ed->bwd", h_BxWxD.astype(cd), self.w_dec[...].astype(cd))
+    return constrain(p_BxWxd, ("batch", "units", "embed"))
+
+  def decoder_inputs(self, p_BxWxd: jax.Array, batch: dict) -> jax.Array:
+    """Byte embeddings, with each unit's marker slot replaced by p of the previous unit."""
+    cd = self.compute_dtype
+    slot_unit_BxS, slot_pos_BxS = batch["slot_unit_BxS"], batch["slot_pos_BxS"]
+    x_BxSxd = embed_lookup(self._dec_table(), batch["slot_ids_BxS"], cd)
+    prev_BxS = jnp.clip(slot_unit_BxS - 1, 0, p_BxWxd.shape[1] - 1)
+    p_prev_BxSxd = _gather_units(p_BxWxd, prev_BxS).astype(cd)
+    own_pos_BxS = jnp.take_along_axis(batch["unit_pos_BxW"], jnp.maximum(slot_unit_BxS, 0),
+                                      axis=1)
+    is_marker_BxS = (slot_pos_BxS == 0) & (slot_unit_BxS >= 0)
+    # A START unit (segment position 0) predicts nothing: no previous unit to read from.
+    has_prev_BxS = is_marker_BxS & (own_pos_BxS > 0) & (slot_unit_BxS >= 1)
+    x_BxSxd = jnp.where(is_marker_BxS[:, :, None], 0, x_BxSxd)
+    x_BxSxd = jnp.where(has_prev_BxS[:, :, None], p_prev_BxSxd, x_BxSxd)
+    return constrain(x_BxSxd, ("batch", "slots", "embed"))
+
+  def decode(self, x_BxSxd: jax.Array, batch: dict, row_len: int) -> jax.Array:
+    """Causal byte decoder per row + head -> fp32 logits_BxSxV."""
+    h_BxSxd = self._run_rows(self.decoder, x_BxSxd, batch["slot_unit_BxS"],
+                             batch["slot_pos_BxS"], row_len)
+    cd = self.compute_dtype
+    logits_BxSxV = jnp.einsum("bsd,dv->bsv", h_BxSxd.astype(cd), self.head[...].astype(cd),
+                              preferred_element_type=jnp.float32)
+    return constrain(logits_BxSxV, ("batch", "slots", "vocab"))
+
+  def __call__(self, batch: dict, *, row_len: int | None = None) -> jax.Array:
+    """Teacher-forced forward over a HAT batch -> logits_BxSxV (fp32)."""
+    row_len = row_len or self.row_len
+    if not row_len:
+      raise ValueError("HAT needs the packed row length: build it with row_len=data.row_len")
+    words_BxWxD = self.encode(batch, row_len)
+    p_BxWxd = self.backbone_forward(words_BxWxD, batch["unit_segment_BxW"],
+                                    batch["unit_pos_BxW"])
+    return self.decode(self.decoder_inputs(p_BxWxd, batch), batch, row_len)

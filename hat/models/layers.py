@@ -1,0 +1,307 @@
+"""Transformer building blocks shared by every model: norm, RoPE, attention, MLP, stack.
+
+Parameters are created in `param_dtype` and carry logical axis names as metadata
+(`logical_axes`); compute runs in `compute_dtype`; norms, softmax and logits run in fp32.
+Attention masks are always "same segment id, and causal if asked", which covers every
+model here: packed documents, packed word rows, and padding (segment 0 attends only to
+padding, so no row is ever fully masked and nothing leaks into real positions).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hat.config import TransformerConfig
+from hat.sharding import constrain, logical_to_spec
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: masked rows stay NaN-free
+
+
+def to_dtype(name_or_dtype: Any) -> Any:
+  """Config dtype name ('float32' | 'bfloat16') or dtype -> jnp dtype."""
+  if isinstance(name_or_dtype, str):
+    return DTYPES[name_or_dtype]
+  return name_or_dtype
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], *,
+          fan_in: int, dtype: Any) -> nnx.Param:
+  """Normal weight with std 1/sqrt(fan_in), carrying logical axis metadata."""
+  # Plain normal, not truncated: truncated_normal costs a slow compile per shape on CPU.
+  value = jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in**-0.5
+  return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def embed_lookup(table_VxD: jax.Array, ids_BxL: jax.Array, dtype: Any) -> jax.Array:
+  """Rows of an embedding table, gathered with the width unsharded and batch-sharded out."""
+  # Gathering from a width-sharded (fsdp) table into batch-sharded activations makes
+  # GSPMD replicate the result; all-gathering the width first keeps it a plain gather.
+  table_VxD = constrain(table_VxD, ("vocab", None))
+  x_BxLxD = jnp.take(table_VxD, ids_BxL, axis=0).astype(dtype)
+  return constrain(x_BxLxD, ("batch", "length", "embed"))
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm with a learned scale, computed in fp32."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype: Any = jnp.float32):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), to_dtype(param_dtype)), logical_axes=("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    scale = self.scale[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (y * scale).astype(x.dtype)
+
+
+def rope(x_BxLxHxK: jax.Array, pos_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (rotate-half form) at explicit positions, since sequences are packed."""
+  half = x_BxLxHxK.shape[-1] // 2
+  freq_K = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BxLx1xK = (pos_BxL.astype(jnp.float32)[:, :, None] * freq_K[None, None])[:, :, None]
+  sin, cos = jnp.sin(angle_BxLx1xK), jnp.cos(angle_BxLx1xK)
+  x = x_BxLxHxK.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxK.dtype)
+
+
+def segment_mask(segment_BxL: jax.Array, causal: bool) -> jax.Array:
+  """Boolean (B, L, L) mask: same segment id, and key <= query when causal."""
+  mask_BxLxL = segment_BxL[:, :, None] == segment_BxL[:, None, :]
+  if causal:
+    length = segment_BxL.shape[1]
+    mask_BxLxL = mask_BxLxL & jnp.tril(jnp.ones((length, length), jnp.bool_))[None]
+  return mask_BxLxL
+
+
+def _xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL):
+  batch, length, heads, head_dim = q_BxLxHxK.shape
+  groups = k_BxLxGxK.shape[2]
+  q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, groups, heads // groups, head_dim)
+  logits_BxGxRxLxL = jnp.einsum("bqgrk,bsgk->bgrqs", q_BxLxGxRxK, k_BxLxGxK,
+                                preferred_element_type=jnp.float32) * head_dim**-0.5
+  mask_Bx1x1xLxL = mask_BxLxL[:, None, None]
+  logits_BxGxRxLxL = jnp.where(mask_Bx1x1xLxL, logits_BxGxRxLxL, _MASK_VALUE)
+  probs_BxGxRxLxL = jax.nn.softmax(logits_BxGxRxLxL, axis=-1)
+  # A row with no visible key would average over everything: give it zero output.
+  probs_BxGxRxLxL = jnp.where(mask_Bx1x1xLxL.any(-1, keepdims=True), probs_BxGxRxLxL, 0.0)
+  out_BxLxGxRxK = jnp.einsum("bgrqs,bsgk->bqgrk", probs_BxGxRxLxL.astype(v_BxLxGxK.dtype),
+                             v_BxLxGxK)
+  return out_BxLxGxRxK.reshape(batch, length, heads, head_dim)
+
+
+def _cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL, causal: bool):
+  if q_BxLxHxK.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError("attention_impl='cudnn' needs compute_dtype='bfloat16', got "
+                     f"{q_BxLxHxK.dtype}")
+  # is_causal lets cuDNN skip the upper triangle; the mask adds the segment structure.
+  out = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
+                                     mask=mask_BxLxL[:, None], is_causal=causal,
+                                     implementation="cudnn")
+  return jnp.where(mask_BxLxL.any(-1)[:, :, None, None], out, 0).astype(q_BxLxHxK.dtype)
+
+
+def _splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_BxL, causal: bool,
+                      interpret: bool = False):
+  """TPU Pallas splash attention, one MQA kernel per kv group, segment ids for packing."""
+  if jax.default_backend() != "tpu" and not interpret:
+    raise NotImplementedError(
+        f"attention_impl='splash' needs a TPU (backend is {jax.default_backend()!r}); "
+        "use 'xla' on CPU or 'cudnn' on GPU")
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  batch, length, heads, head_dim = q_BxLxHxK.shape
+  groups = k_BxLxGxK.shape[2]
+  reps = heads // groups
+  block = min(512, length)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block,
+                            block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  base = splash.CausalMask((length, length)) if causal else splash.FullMask((length, length))
+  kernel = splash.make_splash_mqa_single_device(
+      splash.MultiHeadMask([base] * reps), block_sizes=sizes, interpret=interpret)
+  # Kernel layout: heads before length; the kernel expects pre-scaled queries.
+  q_BxGxRxLxK = (q_BxLxHxK * head_dim**-0.5).reshape(
+      batch, length, groups, reps, head_dim).transpose(0, 2, 3, 1, 4)
+  k_BxGxLxK = k_BxLxGxK.transpose(0, 2, 1, 3)
+  v_BxGxLxK = v_BxLxGxK.transpose(0, 2, 1, 3)
+
+  def one(q_RxLxK, k_LxK, v_LxK, seg_L):
+    return kernel(q_RxLxK, k_LxK, v_LxK, segment_ids=splash.SegmentIds(q=seg_L, kv=seg_L))
+
+  per_group = jax.vmap(one, in_axes=(0, 0, 0, None))
+
+  def run(q, k, v, seg):
+    return jax.vmap(per_group)(q, k, v, seg)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is not None and not mesh.empty:
+    # Pallas calls are opaque to GSPMD: shard batch and kv groups by hand.
+    spec5 = logical_to_spec(("batch", "kv_heads", None, None, None), mesh=mesh)
+    spec4 = logical_to_spec(("batch", "kv_heads", None, None), mesh=mesh)
+    spec2 = logical_to_spec(("batch", None), mesh=mesh)
+    run = jax.shard_map(run, in_specs=(spec5, spec4, spec4, spec2), out_specs=spec5,
+                        check_vma=False)
+  out_BxGxRxLxK = run(q_BxGxRxLxK, k_BxGxLxK, v_BxGxLxK, segment_BxL.astype(jnp.int32))
+  return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+
+
+def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, *,
+                          segment_BxL: jax.Array, causal: bool, impl: str = "xla",
+                          mask_BxLxL: jax.Array | None = None) -> jax.Array:
+  """Multi-head / grouped-query attention; the mask is built from segments unless given."""
+  if impl == "splash":
+    if mask_BxLxL is not None:
+      raise ValueError("splash attention takes segment ids and causality, not a dense mask")
+    return _splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_BxL, causal)
+  if mask_BxLxL is None:
+    mask_BxLxL = segment_mask(segment_BxL, causal)
+  if impl == "xla":
+    return _xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL)
+  if impl == "cudnn":
+    return _cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL, causal)
+  raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+
+
+class Attention(nnx.Module):
+  """Self-attention with RoPE and grouped-query heads (num_kv_heads divides num_heads)."""
+
+  def __init__(self, cfg: TransformerConfig, *, causal: bool, impl: str, compute_dtype: Any,
+               param_dtype: Any, rngs: nnx.Rngs):
+    d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pd = to_dtype(param_dtype)
+    self.cfg, self.causal, self.impl = cfg, causal, impl
+    self.compute_dtype = to_dtype(compute_dtype)
+    self.wq = param(rngs, (d, h, k), ("embed", "heads", "head_dim"), fan_in=d, dtype=pd)
+    self.wk = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), fan_in=d, dtype=pd)
+    self.wv = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), fan_in=d, dtype=pd)
+    self.wo = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), fan_in=h * k, dtype=pd)
+
+  def __call__(self, x_BxLxD: jax.Array, *, segment_BxL: jax.Array, pos_BxL: jax.Array,
+               mask_BxLxL: jax.Array | None = None) -> jax.Array:
+    cd = self.compute_dtype
+    x = x_BxLxD.astype(cd)
+    q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(cd))
+    k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x, self.wk[...].astype(cd))
+    v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x, self.wv[...].astype(cd))
+    q_BxLxHxK = constrain(rope(q_BxLxHxK, pos_BxL, self.cfg.rope_theta),
+                          ("batch", "length", "heads", "head_dim"))
+    k_BxLxGxK = constrain(rope(k_BxLxGxK, pos_BxL, self.cfg.rope_theta),
+                          ("batch", "length", "kv_heads", "head_dim"))
+    v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "head_dim"))
+    out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
+                                        segment_BxL=segment_BxL, causal=self.causal,
+                                        impl=self.impl, mask_BxLxL=mask_BxLxL)
+    return jnp.einsum("blhk,hkd->bld", out_BxLxHxK.astype(cd), self.wo[...].astype(cd))
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: TransformerConfig, *, compute_dtype: Any, param_dtype: Any,
+               rngs: nnx.Rngs):
+    d, f, pd = cfg.d_model, cfg.mlp_dim, to_dtype(param_dtype)
+    self.compute_dtype = to_dtype(compute_dtype)
+    self.w_gate = param(rngs, (d, f), ("embed", "mlp"), fan_in=d, dtype=pd)
+    self.w_up = param(rngs, (d, f), ("embed", "mlp"), fan_in=d, dtype=pd)
+    self.w_down = param(rngs, (f, d), ("mlp", "embed"), fan_in=f, dtype=pd)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    cd = self.compute_dtype
+    x = x_BxLxD.astype(cd)
+    gate_BxLxF = jnp.einsum("bld,df->blf", x, self.w_gate[...].astype(cd))
+    up_BxLxF = jnp.einsum("bld,df->blf", x, self.w_up[...].astype(cd))
+    h_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
+    return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down[...].astype(cd))
+
+
+class Block(nnx.Module):
+  """Pre-norm Llama block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: TransformerConfig, *, causal: bool, impl: str, compute_dtype: Any,
+               param_dtype: Any, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
+    self.attn = Attention(cfg, causal=causal, impl=impl, compute_dtype=compute_dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
+    self.mlp = MLP(cfg, compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x_BxLxD: jax.Array, *, segment_BxL: jax.Array, pos_BxL: jax.Array,
+               mask_BxLxL: jax.Array | None = None) -> jax.Array:
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_BxL=segment_BxL,
+                                  pos_BxL=pos_BxL, mask_BxLxL=mask_BxLxL)
+    x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+    return constrain(x_BxLxD, ("batch", "length", "embed"))
+
+
+def _block_fn(graphdef, remat: str):
+  """Pure (state, x, ...) -> x for one block, checkpointed per the remat policy."""
+
+  def apply(state, x_BxLxD, segment_BxL, pos_BxL, mask_BxLxL):
+    block = nnx.merge(graphdef, state)
+    return block(x_BxLxD, segment_BxL=segment_BxL, pos_BxL=pos_BxL, mask_BxLxL=mask_BxLxL)
+
+  if remat == "none":
+    return apply
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of none|{'|'.join(REMAT_POLICIES)}, got {remat!r}")
+  return jax.checkpoint(apply, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+
+class TransformerStack(nnx.Module):
+  """`num_layers` blocks plus a final RMSNorm; layers stacked and scanned when scan_layers.
+
+  Scanned: one Block is created per layer under `nnx.vmap`, so every parameter gets a
+  leading 'layers' axis, and the forward pass is one `jax.lax.scan` over that axis whose
+  body merges the layer's state back into a Block; compile time does not grow with
+  depth. Not scanned: a plain list of Blocks (easier to inspect, same numerics).
+  """
+
+  def __init__(self, cfg: TransformerConfig, *, causal: bool, attention_impl: str = "xla",
+               compute_dtype: Any = "float32", param_dtype: Any = "float32",
+               remat: str = "none", scan_layers: bool = True, rngs: nnx.Rngs):
+    if attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    self.cfg, self.causal, self.impl = cfg, causal, attention_impl
+    self.remat, self.scan_layers = remat, scan_layers
+    make = functools.partial(Block, cfg, causal=causal, impl=attention_impl,
+                             compute_dtype=compute_dtype, param_dtype=param_dtype)
+    if scan_layers:
+      keys = jax.random.split(rngs.params(), cfg.num_layers)
+      self.layers = nnx.vmap(lambda key: make(rngs=nnx.Rngs(params=key)))(keys)
+    else:
+      self.blocks = nnx.List([make(rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
+
+  def __call__(self, x_BxLxD: jax.Array, *, segment_BxL: jax.Array,
+               pos_BxL: jax.Array) -> jax.Array:
+    """Runs all layers and the final norm; attention stays within equal segment ids."""
+    mask_BxLxL = None if self.impl == "splash" else segment_mask(segment_BxL, self.causal)
+    x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
+    if self.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+      fn = _block_fn(graphdef, self.remat)
+
+      def body(x, layer_state):
+        return fn(layer_state, x, segment_BxL, pos_BxL, mask_BxLxL), None
+
+      x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, state)
+    else:
+      for block in self.blocks:
+        graphdef, state = nnx.split(block)
+        x_BxLxD = _block_fn(graphdef, self.remat)(state, x_BxLxD, segment_BxL, pos_BxL,
+                                                  mask_BxLxL)
+    return self.final_norm(x_BxLxD)
