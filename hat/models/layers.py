@@ -87,12 +87,14 @@ def segment_mask(segment_BxL: jax.Array, causal: bool) -> jax.Array:
   return mask_BxLxL
 
 
-def _xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL):
+def _xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL, bias_BxLxL=None):
   batch, length, heads, head_dim = q_BxLxHxK.shape
   groups = k_BxLxGxK.shape[2]
   q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, groups, heads // groups, head_dim)
   logits_BxGxRxLxL = jnp.einsum("bqgrk,bsgk->bgrqs", q_BxLxGxRxK, k_BxLxGxK,
                                 preferred_element_type=jnp.float32) * head_dim**-0.5
+  if bias_BxLxL is not None:
+    logits_BxGxRxLxL = logits_BxGxRxLxL + bias_BxLxL[:, None, None].astype(jnp.float32)
   mask_Bx1x1xLxL = mask_BxLxL[:, None, None]
   logits_BxGxRxLxL = jnp.where(mask_Bx1x1xLxL, logits_BxGxRxLxL, _MASK_VALUE)
   probs_BxGxRxLxL = jax.nn.softmax(logits_BxGxRxLxL, axis=-1)
@@ -103,13 +105,16 @@ def _xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL):
   return out_BxLxGxRxK.reshape(batch, length, heads, head_dim)
 
 
-def _cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL, causal: bool):
+def _cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL, causal: bool,
+                     bias_BxLxL=None):
   if q_BxLxHxK.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError("attention_impl='cudnn' needs compute_dtype='bfloat16', got "
                      f"{q_BxLxHxK.dtype}")
   # is_causal lets cuDNN skip the upper triangle; the mask adds the segment structure.
   out = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
                                      mask=mask_BxLxL[:, None], is_causal=causal,
+                                     bias=None if bias_BxLxL is None else
+                                     bias_BxLxL[:, None].astype(q_BxLxHxK.dtype),
                                      implementation="cudnn")
   return jnp.where(mask_BxLxL.any(-1)[:, :, None, None], out, 0).astype(q_BxLxHxK.dtype)
 
@@ -161,18 +166,23 @@ def _splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_BxL, causal: bool
 
 def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, *,
                           segment_BxL: jax.Array, causal: bool, impl: str = "xla",
-                          mask_BxLxL: jax.Array | None = None) -> jax.Array:
-  """Multi-head / grouped-query attention; the mask is built from segments unless given."""
+                          mask_BxLxL: jax.Array | None = None,
+                          bias_BxLxL: jax.Array | None = None) -> jax.Array:
+  """Multi-head / grouped-query attention; the mask is built from segments unless given.
+
+  `bias_BxLxL` is added to the attention logits (e.g. MrT5 soft deletion).
+  """
   if impl == "splash":
-    if mask_BxLxL is not None:
-      raise ValueError("splash attention takes segment ids and causality, not a dense mask")
+    if mask_BxLxL is not None or bias_BxLxL is not None:
+      raise ValueError("splash attention takes segment ids and causality, not a dense "
+                       "mask or bias")
     return _splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_BxL, causal)
   if mask_BxLxL is None:
     mask_BxLxL = segment_mask(segment_BxL, causal)
   if impl == "xla":
-    return _xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL)
+    return _xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL, bias_BxLxL)
   if impl == "cudnn":
-    return _cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL, causal)
+    return _cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL, causal, bias_BxLxL)
   raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
 
 
@@ -191,7 +201,8 @@ class Attention(nnx.Module):
     self.wo = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), fan_in=h * k, dtype=pd)
 
   def __call__(self, x_BxLxD: jax.Array, *, segment_BxL: jax.Array, pos_BxL: jax.Array,
-               mask_BxLxL: jax.Array | None = None) -> jax.Array:
+               mask_BxLxL: jax.Array | None = None,
+               bias_BxLxL: jax.Array | None = None) -> jax.Array:
     cd = self.compute_dtype
     x = x_BxLxD.astype(cd)
     q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(cd))
@@ -204,7 +215,8 @@ class Attention(nnx.Module):
     v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "head_dim"))
     out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
                                         segment_BxL=segment_BxL, causal=self.causal,
-                                        impl=self.impl, mask_BxLxL=mask_BxLxL)
+                                        impl=self.impl, mask_BxLxL=mask_BxLxL,
+                                        bias_BxLxL=bias_BxLxL)
     return jnp.einsum("blhk,hkd->bld", out_BxLxHxK.astype(cd), self.wo[...].astype(cd))
 
 
@@ -240,9 +252,11 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x_BxLxD: jax.Array, *, segment_BxL: jax.Array, pos_BxL: jax.Array,
-               mask_BxLxL: jax.Array | None = None) -> jax.Array:
+               mask_BxLxL: jax.Array | None = None,
+               bias_BxLxL: jax.Array | None = None) -> jax.Array:
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segment_BxL=segment_BxL,
-                                  pos_BxL=pos_BxL, mask_BxLxL=mask_BxLxL)
+                                  pos_BxL=pos_BxL, mask_BxLxL=mask_BxLxL,
+                                  bias_BxLxL=bias_BxLxL)
     x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
     return constrain(x_BxLxD, ("batch", "length", "embed"))
 
@@ -250,9 +264,10 @@ class Block(nnx.Module):
 def _block_fn(graphdef, remat: str):
   """Pure (state, x, ...) -> x for one block, checkpointed per the remat policy."""
 
-  def apply(state, x_BxLxD, segment_BxL, pos_BxL, mask_BxLxL):
+  def apply(state, x_BxLxD, segment_BxL, pos_BxL, mask_BxLxL, bias_BxLxL):
     block = nnx.merge(graphdef, state)
-    return block(x_BxLxD, segment_BxL=segment_BxL, pos_BxL=pos_BxL, mask_BxLxL=mask_BxLxL)
+    return block(x_BxLxD, segment_BxL=segment_BxL, pos_BxL=pos_BxL, mask_BxLxL=mask_BxLxL,
+                 bias_BxLxL=bias_BxLxL)
 
   if remat == "none":
     return apply
@@ -272,7 +287,8 @@ class TransformerStack(nnx.Module):
 
   def __init__(self, cfg: TransformerConfig, *, causal: bool, attention_impl: str = "xla",
                compute_dtype: Any = "float32", param_dtype: Any = "float32",
-               remat: str = "none", scan_layers: bool = True, rngs: nnx.Rngs):
+               remat: str = "none", scan_layers: bool = True, final_norm: bool = True,
+               rngs: nnx.Rngs):
     if attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
     self.cfg, self.causal, self.impl = cfg, causal, attention_impl
@@ -284,24 +300,35 @@ class TransformerStack(nnx.Module):
       self.layers = nnx.vmap(lambda key: make(rngs=nnx.Rngs(params=key)))(keys)
     else:
       self.blocks = nnx.List([make(rngs=rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
+    # A stack split in two (a gate between its halves) has no norm after the lower half.
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype) \
+        if final_norm else None
 
-  def __call__(self, x_BxLxD: jax.Array, *, segment_BxL: jax.Array,
-               pos_BxL: jax.Array) -> jax.Array:
-    """Runs all layers and the final norm; attention stays within equal segment ids."""
+  def __call__(self, x_BxLxD: jax.Array, *, segment_BxL: jax.Array, pos_BxL: jax.Array,
+               key_bias_BxL: jax.Array | None = None) -> jax.Array:
+    """Runs all layers and the final norm; attention stays within equal segment ids.
+
+    `key_bias_BxL` is added to the attention logits of every key except the query's own
+    position (MrT5 soft deletion: a deleted position is ignored by others, not itself).
+    """
     mask_BxLxL = None if self.impl == "splash" else segment_mask(segment_BxL, self.causal)
+    bias_BxLxL = None
+    if key_bias_BxL is not None:
+      length = key_bias_BxL.shape[1]
+      off_diag_LxL = ~jnp.eye(length, dtype=jnp.bool_)
+      bias_BxLxL = jnp.where(off_diag_LxL[None], key_bias_BxL[:, None, :], 0.0)
     x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
     if self.scan_layers:
       graphdef, state = nnx.split(self.layers)
       fn = _block_fn(graphdef, self.remat)
 
       def body(x, layer_state):
-        return fn(layer_state, x, segment_BxL, pos_BxL, mask_BxLxL), None
+        return fn(layer_state, x, segment_BxL, pos_BxL, mask_BxLxL, bias_BxLxL), None
 
       x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, state)
     else:
       for block in self.blocks:
         graphdef, state = nnx.split(block)
         x_BxLxD = _block_fn(graphdef, self.remat)(state, x_BxLxD, segment_BxL, pos_BxL,
-                                                  mask_BxLxL)
-    return self.final_norm(x_BxLxD)
+                                                  mask_BxLxL, bias_BxLxL)
+    return self.final_norm(x_BxLxD) if self.final_norm is not None else x_BxLxD
