@@ -37,6 +37,31 @@ class TransformerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GateConfig:
+  """Dynamic gates (MrT5-style): word deletion in the backbone, or learned byte chunks.
+
+  `delete`: a gate after backbone layer `layer` scores every word; training adds the
+  score to later layers' attention logits (soft deletion), inference drops the K/V of
+  words scoring below k/2 (hard deletion, at most `capacity` kept words per sequence).
+  `merge`: no splitter; a causal byte encoder and a boundary gate cut the byte stream
+  into chunks that become the backbone's positions (at most `capacity` per sequence).
+  """
+
+  kind: str = "none"  # none | delete | merge
+  layer: int = 1  # delete: the gate sits after this many backbone layers
+  k: float = -30.0  # delete: gate range (k, 0); a word is deleted when G < k/2
+  bias_init: float = 1.0  # delete: initial gate bias (G = k*sigmoid(-(w.h + b)))
+  target_ratio: float = 0.5  # delete: target deletion ratio delta
+  controller: str = "pi"  # pi (MrT5 PI controller on alpha) | ratio (H-Net ratio loss)
+  kp: float = 0.5  # PI controller gains
+  ki: float = 1e-5
+  ratio_loss_weight: float = 0.03  # merge with controller=ratio: fixed loss weight
+  target_bytes_per_chunk: float = 5.0  # merge: target mean chunk length in bytes
+  max_chunk_bytes: int = 31  # merge: a chunk is cut after this many bytes (online too)
+  capacity: int = 0  # delete: kept words per sequence; merge: chunks; 0 = derived
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Which model, its stacks and its numerics."""
 
@@ -53,6 +78,7 @@ class ModelConfig:
   attention_impl: str = "xla"  # xla | cudnn | splash
   remat: str = "none"  # none | full | dots
   scan_layers: bool = True
+  gate: GateConfig = GateConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +143,10 @@ class TrainConfig:
   reset_optimizer: bool = True
   sample_prompt: str = "The "
   sample_bytes: int = 120
+  # Every process reads the whole global batch stream and keeps its own slice: the data
+  # order no longer depends on the process count (exact multi-process tests, resuming
+  # on another process count), at process_count times the host-side data work.
+  global_data_stream: bool = False
 
 
 _CHOICES = {
@@ -128,6 +158,8 @@ _CHOICES = {
     "data.doc_mode": ("file", "blank_line", "line"),
     "data.splitter": ("whitespace", "unicode"),
     "data.overflow": ("carry", "error"),
+    "model.gate.kind": ("none", "delete", "merge"),
+    "model.gate.controller": ("pi", "ratio"),
 }
 
 
@@ -191,16 +223,42 @@ def _validate_stack(t: TransformerConfig, key: str) -> None:
   _check(t.head_dim % 2 == 0, f"{key}.head_dim", "must be even for rotary embeddings")
 
 
+def _validate_gate(cfg: TrainConfig) -> None:
+  g, bb = cfg.model.gate, cfg.model.backbone
+  if g.kind == "none":
+    return
+  _check(cfg.model.kind == "hat", "model.gate.kind",
+         f"gates need model.kind='hat', got {cfg.model.kind!r}")
+  _check(g.k < 0, "model.gate.k", f"must be negative, got {g.k}")
+  _check(g.kp >= 0 and g.ki >= 0, "model.gate.kp", "controller gains must be >= 0")
+  _check(g.capacity >= 0, "model.gate.capacity", "must be >= 0 (0 = derived)")
+  if g.kind == "delete":
+    _check(1 <= g.layer < bb.num_layers, "model.gate.layer",
+           f"must be in [1, model.backbone.num_layers={bb.num_layers}), got {g.layer}")
+    _check(0.0 <= g.target_ratio < 1.0, "model.gate.target_ratio", "must be in [0, 1)")
+    _check(g.controller == "pi", "model.gate.controller", "the delete gate uses 'pi'")
+  if g.kind == "merge":
+    _check(g.target_bytes_per_chunk >= 1.0, "model.gate.target_bytes_per_chunk",
+           "must be >= 1")
+    _check(g.max_chunk_bytes >= 2, "model.gate.max_chunk_bytes", "must be >= 2")
+    _check(g.ratio_loss_weight >= 0, "model.gate.ratio_loss_weight", "must be >= 0")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
   """Checks choices and cross-field consistency; returns cfg or raises ConfigError."""
-  flat = {"model": cfg.model, "data": cfg.data}
+  flat = {"model": cfg.model, "data": cfg.data, "model.gate": cfg.model.gate}
   for key, choices in _CHOICES.items():
-    section, name = key.split(".")
+    section, name = key.rsplit(".", 1)
     value = getattr(flat[section], name)
     _check(value in choices, key, f"must be one of {choices}, got {value!r}")
   m, d = cfg.model, cfg.data
   _validate_stack(m.backbone, "model.backbone")
-  if m.kind == "hat":
+  _validate_gate(cfg)
+  if m.kind == "hat" and m.gate.kind == "merge":
+    _validate_stack(m.encoder, "model.encoder")
+    _validate_stack(m.decoder, "model.decoder")
+    _check(d.max_tokens >= 2, "data.max_tokens", "must be >= 2 (byte-stream positions)")
+  elif m.kind == "hat":
     _validate_stack(m.encoder, "model.encoder")
     _validate_stack(m.decoder, "model.decoder")
     if m.tie_byte_embeddings:

@@ -1,0 +1,220 @@
+"""Checkpoints of a run with orbax: model, optimizer, data-iterator state and run metadata.
+
+Layout of a workdir:
+
+  <workdir>/config.json          the resolved config (written once at start)
+  <workdir>/tokenizer.model      the SentencePiece model, for BPE runs
+  <workdir>/checkpoints/<step>/  model/ optimizer/ data/ run/ (orbax items)
+
+`model` and `optimizer` are pure-dict pytrees of arrays; restoring them onto abstract
+arrays that carry the *new* run's shardings reshards, so a checkpoint written on one
+mesh restores on any other. `data` holds one grain iterator state per process. `run`
+is JSON with the config and the tokenizer model, so a checkpoint directory alone is
+enough to rebuild the model (`load_for_inference`, `init_from`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from hat.config import TrainConfig, from_config_dict, to_dict
+from hat.train.state import MODEL, OPTIM, StateSpec
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+class _FrozenIteratorState:
+  """An iterator state captured now, saved later by grain's orbax handler."""
+
+  def __init__(self, iterator: Any):
+    self._state = json.dumps(iterator.get_state()).encode()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
+def _fill(abstract: nnx.State, pure: dict) -> nnx.State:
+  """A fresh copy of `abstract` with the arrays of `pure` (possibly partial) put in."""
+  state = jax.tree.map(lambda x: x, abstract)  # new Variables; the spec stays abstract
+  nnx.replace_by_pure_dict(state, pure)
+  return state
+
+
+class Checkpointer:
+  """Async orbax checkpoints of a run (every process calls every method, in step)."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, keep: int, tokenizer: Any = None):
+    self.directory = pathlib.Path(workdir).absolute() / CHECKPOINTS
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    proto = getattr(tokenizer, "model_proto", b"") or b""
+    self._tokenizer_b64 = base64.b64encode(proto).decode() if proto else None
+
+  def latest_step(self) -> int | None:
+    """Step of the newest complete checkpoint, or None."""
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: nnx.State, data_iterator: Any, cfg: TrainConfig) -> None:
+    """Starts an async save of `state` at `step` (device->host copy happens before return)."""
+    run = {"step": int(step), "config": to_dict(cfg), "tokenizer_model": self._tokenizer_b64,
+           "process_count": jax.process_count()}
+    items = {
+        "model": ocp.args.StandardSave(nnx.to_pure_dict(state[MODEL])),
+        "optimizer": ocp.args.StandardSave(nnx.to_pure_dict(state[OPTIM])),
+        "run": ocp.args.JsonSave(run),
+    }
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_iterator))
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, step: int, spec: StateSpec, data_iterator: Any, *,
+              any_process_data: bool = False) -> nnx.State:
+    """Restores model and optimizer onto `spec`'s shardings, and the iterator in place."""
+    state = restore_state(self.directory / str(step), spec, with_optimizer=True)
+    if data_iterator is not None:
+      restore_data_state(self.directory / str(step), data_iterator,
+                         any_process=any_process_data)
+    return state
+
+  def wait(self) -> None:
+    """Blocks until pending async saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def restore_data_state(step_dir: pathlib.Path, data_iterator: Any, *,
+                       any_process: bool = False) -> bool:
+  """Sets this process's iterator to the saved state; False when none matches the layout.
+
+  `any_process`: every process saved the same state (a global data stream), so any
+  process's file will do, even when the process count changed.
+  """
+  data_dir = pathlib.Path(step_dir) / "data"
+  path = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if not path.exists() and any_process:
+    path = next(iter(sorted(data_dir.glob("process_*.json"))), path)
+  if not path.exists():
+    log.warning("no data-iterator state %s (process count changed?): the data order "
+                "restarts from the beginning of the stream", path)
+    return False
+  data_iterator.set_state(json.loads(path.read_text()))
+  return True
+
+
+def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
+  """A workdir, its checkpoints/ folder, or one step folder -> that (or the latest) step folder."""
+  path = pathlib.Path(path).absolute()
+  if (path / "model").is_dir():
+    return path
+  if (path / CHECKPOINTS).is_dir():
+    path = path / CHECKPOINTS
+  steps = sorted((int(p.name) for p in path.glob("*") if p.name.isdigit()
+                  and (p / "model").is_dir()), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint under {path}")
+  return path / str(steps[0])
+
+
+def restore_pure(step_dir: str | pathlib.Path, spec: StateSpec, *,
+                 with_optimizer: bool) -> dict:
+  """{MODEL: params[, OPTIM: optimizer]} as pure dicts of arrays on `spec`'s shardings."""
+  step_dir = pathlib.Path(step_dir)
+  checkpointer = ocp.StandardCheckpointer()
+  halves = {MODEL: "model", OPTIM: "optimizer"} if with_optimizer else {MODEL: "model"}
+  out = {}
+  for key, item in halves.items():
+    target = nnx.to_pure_dict(spec.abstract[key])
+    try:
+      out[key] = checkpointer.restore(step_dir / item, target)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"checkpoint {step_dir / item} does not fit this run's model "
+                       f"(different model config?): {e}") from None
+  return out
+
+
+def restore_state(step_dir: str | pathlib.Path, spec: StateSpec, *,
+                  with_optimizer: bool) -> nnx.State:
+  """The train state of a step folder on `spec`'s shardings.
+
+  Without the optimizer, the optimizer half stays abstract (for inference only).
+  """
+  return _fill(spec.abstract, restore_pure(step_dir, spec, with_optimizer=with_optimizer))
+
+
+def restart_schedule(optimizer_pure: dict) -> dict:
+  """Zeroes the step and the lr-schedule count but keeps Adam's moments and bias count."""
+
+  def walk(node):
+    if isinstance(node, dict):
+      return {k: (v * 0 if k == "count" and "mu" not in node else walk(v))
+              for k, v in node.items()}
+    return node
+
+  out = walk(optimizer_pure)
+  out["step"] = out["step"] * 0
+  return out
+
+
+def read_run(step_dir: str | pathlib.Path) -> dict:
+  """The `run` JSON of a step folder (config, tokenizer model, step)."""
+  return json.loads((pathlib.Path(step_dir) / "run" / "metadata").read_text())
+
+
+def write_run_files(workdir: str | pathlib.Path, cfg: TrainConfig, tokenizer: Any) -> None:
+  """config.json (and tokenizer.model) in the workdir; call on process 0 only."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+  proto = getattr(tokenizer, "model_proto", b"") or b""
+  if proto:
+    (workdir / TOKENIZER_FILE).write_bytes(proto)
+
+
+def tokenizer_from_run(run: dict, cfg: TrainConfig, where: pathlib.Path) -> Any:
+  """The run's tokenizer: from its stored model for BPE, the byte tokenizer for byte LMs."""
+  from hat.text.tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
+
+  if cfg.model.kind == "byte":
+    return load_tokenizer("byte")
+  if cfg.model.kind != "bpe":
+    return None
+  path = where / TOKENIZER_FILE
+  if not path.exists() and run.get("tokenizer_model"):
+    # A checkpoint copied away from its workdir still carries its tokenizer.
+    from hat.text.bpe import BPETokenizer  # pylint: disable=g-import-not-at-top
+
+    return BPETokenizer.from_bytes(base64.b64decode(run["tokenizer_model"]))
+  return load_tokenizer("bpe", str(path if path.exists() else cfg.data.tokenizer))
+
+
+def load_for_inference(path: str | pathlib.Path, mesh_spec: str = "data=-1"):
+  """(model, cfg, tokenizer) from a workdir or checkpoint folder, on the local devices."""
+  from hat.models import model_vocab_size  # pylint: disable=g-import-not-at-top
+  from hat.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+  from hat.train.state import model_from_state, state_spec  # pylint: disable=g-import-not-at-top
+
+  step_dir = find_checkpoint(path)
+  run = read_run(step_dir)
+  cfg = from_config_dict(run["config"])
+  tokenizer = tokenizer_from_run(run, cfg, step_dir.parent.parent)
+  mesh = make_mesh(mesh_spec, jax.local_devices())
+  spec = state_spec(cfg, model_vocab_size(cfg.model, tokenizer), mesh)
+  state = restore_state(step_dir, spec, with_optimizer=False)
+  return model_from_state(spec, state), cfg, tokenizer

@@ -1,0 +1,83 @@
+"""Checkpoints: kill and resume bit-exactly, SIGTERM, resharding, the non-finite guard."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from test_train import (ROOT, STEPS, checkpoint_steps, losses, reference_run,  # noqa: F401
+                        run_train, sharded_run, train_args, train_data, train_env)
+
+
+def _start(workdir, data, *overrides, **env):
+  corpus, cache = data
+  return subprocess.Popen([sys.executable, "-m", "hat.train",
+                           *train_args(workdir, corpus, *overrides)],
+                          env=train_env(1, cache, **env), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(cond, proc, timeout=240.0):
+  end = time.time() + timeout
+  while not cond():
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+    if time.time() > end:
+      proc.kill()
+      raise AssertionError("timed out waiting for the run")
+    time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_sigkill_then_sigterm_then_resume_is_bit_exact(tmp_path, train_data, reference_run):
+  slow = {"HAT_DEBUG_STEP_DELAY_S": "0.4"}
+  # 1) SIGKILL once the step-2 checkpoint is committed: steps after it are lost.
+  proc = _start(tmp_path, train_data, "mesh=data=1", "ckpt_every=2", **slow)
+  _wait_for(lambda: 2 in checkpoint_steps(tmp_path), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  # 2) Resume; SIGTERM after the first resumed step: it saves at its current step.
+  done_before = checkpoint_steps(tmp_path)[-1]
+  n_lines = len((tmp_path / "metrics.jsonl").read_text().splitlines())
+  proc = _start(tmp_path, train_data, "mesh=data=1", "ckpt_every=100", **slow)
+  _wait_for(lambda: len((tmp_path / "metrics.jsonl").read_text().splitlines()) > n_lines, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  stopped = int(out.rsplit("preempted at step ", 1)[1].split()[0])
+  assert done_before < stopped < STEPS
+  assert checkpoint_steps(tmp_path)[-1] == stopped
+  # 3) Resume to the end: every step's loss equals the uninterrupted run's, bit for bit.
+  run_train(tmp_path, train_data, "mesh=data=1", "ckpt_every=100")
+  assert losses(tmp_path) == losses(reference_run)
+
+
+def test_checkpoint_from_8_devices_continues_on_2(tmp_path, train_data, sharded_run,
+                                                  reference_run):
+  shutil.copytree(sharded_run / "checkpoints" / "3", tmp_path / "checkpoints" / "3")
+  run_train(tmp_path, train_data, "mesh=data=2", devices=2)
+  ref, resumed = losses(reference_run), losses(tmp_path)
+  assert sorted(resumed) == list(range(4, STEPS + 1))
+  np.testing.assert_allclose([resumed[s] for s in resumed], [ref[s] for s in resumed],
+                             rtol=2e-5)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, train_data):
+  from hat.train.checkpoint import load_for_inference
+
+  proc = run_train(tmp_path, train_data, "mesh=data=1", "ckpt_every=2", check=False,
+                   HAT_INJECT_NAN_AT_STEP="5")
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  assert "non-finite training metrics at step 5" in proc.stderr
+  assert "Last good checkpoint: step 4" in proc.stderr
+  assert checkpoint_steps(tmp_path) == [2, 4]
+  model, _, _ = load_for_inference(tmp_path)
+  import jax
+  from flax import nnx
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
