@@ -18,115 +18,12 @@ import json
 import pathlib
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
-from hat import flops  # noqa: E402
-from hat.config import resolve  # noqa: E402
-from hat.data import pipeline  # noqa: E402
-from hat.models import model_vocab_size  # noqa: E402
-from hat.train.checkpoint import Checkpointer  # noqa: E402
-from hat.train.loop import make_run_mesh  # noqa: E402
-from hat.train.state import init_state, state_spec  # noqa: E402
-from hat.train.step import make_train_step  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = {"hat": "configs/tiny_hat.py", "bpe": "configs/tiny_bpe.py",
-           "byte": "configs/tiny_byte.py"}
-
-
-class _NoData:
-  def get_state(self):
-    return {}
-
-
-def _bpe_tokenizer(data: str, workdir: pathlib.Path, overrides: list[str]) -> str:
-  """A small BPE model trained on the benchmark's own training text."""
-  from hat.text.bpe import train_bpe  # pylint: disable=g-import-not-at-top
-
-  cfg = resolve(str(ROOT / CONFIGS["hat"]), [f"data.train={data}", *overrides])
-  from hat.data.sources import open_from_config, parse_mixture  # pylint: disable=g-import-not-at-top
-
-  docs = open_from_config(cfg.data, parse_mixture(data)[0], "train")
-  texts = [docs[i] for i in range(min(len(docs), 5000))]
-  path = workdir / "bench_bpe.model"
-  train_bpe(texts, vocab_size=1024, model_path=path)
-  return str(path)
-
-
-def bench_model(kind: str, overrides: list[str], steps: int, ckpt_dir: pathlib.Path | None):
-  """Compile + timed steps of one model kind; optionally the async-save overhead."""
-  cfg = resolve(str(ROOT / CONFIGS[kind]), overrides)
-  mesh = make_run_mesh(cfg)
-  tokenizer = pipeline.default_tokenizer(cfg)
-  vocab = model_vocab_size(cfg.model, tokenizer)
-  spec = state_spec(cfg, vocab, mesh)
-  state = init_state(cfg, vocab, mesh, spec)
-  it = pipeline.make_train_iterator(cfg, tokenizer)
-  batches = [pipeline.global_batch(next(it), mesh) for _ in range(4)]
-  step_fn = make_train_step(cfg, spec, mesh, batches[0])
-  one = np.float32(1.0)
-
-  def run(n, state, start=0):
-    m = None
-    for i in range(n):
-      state, m = step_fn(state, batches[(start + i) % len(batches)], one)
-    jax.block_until_ready(m)
-    return state
-
-  with jax.set_mesh(mesh):
-    t0 = time.perf_counter()
-    state = run(1, state)
-    compile_s = time.perf_counter() - t0
-    state = run(2, state)  # settle
-    t0 = time.perf_counter()
-    state = run(steps, state)
-    dt = time.perf_counter() - t0
-    bytes_per_batch = np.mean([float(np.sum(np.asarray(b["num_bytes_B"]))) for b in batches])
-    flops_step = flops.train_flops_per_step(cfg, vocab)
-    kind_dev = jax.devices()[0].device_kind
-    per_dev = flops_step * steps / dt / jax.device_count()
-    out = {"kind": kind, "compile_s": compile_s, "steps_per_s": steps / dt,
-           "step_ms": 1e3 * dt / steps, "bytes_per_batch": bytes_per_batch,
-           "bytes_per_s": bytes_per_batch * steps / dt,
-           "tflops_per_s_per_device": per_dev / 1e12, "mfu": flops.mfu(per_dev, kind_dev),
-           "train_flops_per_step": flops_step}
-    if ckpt_dir is not None:
-      out.update(_ckpt_overhead(cfg, state, run, ckpt_dir))
-  return out
-
-
-def _ckpt_overhead(cfg, state, run, ckpt_dir, reps: int = 5, window: int = 5):
-  """A save followed by `window` steps vs `window + 1` plain steps (medians of `reps`).
-
-  The save's blocking part (device->host copy) and the background write competing with
-  the following steps are both inside the timed window.
-  """
-  ckpt = Checkpointer(ckpt_dir, keep=2)
-  base, with_save, blocking = [], [], []
-  for rep in range(reps):
-    t0 = time.perf_counter()
-    state = run(window + 1, state)
-    base.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    ckpt.save(1000 + rep, state, _NoData(), cfg)
-    blocking.append(time.perf_counter() - t0)
-    state = run(window, state)
-    with_save.append(time.perf_counter() - t0)
-    ckpt.wait()
-  ckpt.close()
-  b, w = float(np.median(base)), float(np.median(with_save))
-  step_s = b / (window + 1)
-  extra = w - (b - step_s)  # the save's cost in units of time, replacing one step
-  return {"ckpt_save_blocking_ms": 1e3 * float(np.median(blocking)),
-          "ckpt_step_ms": 1e3 * step_s,
-          "ckpt_extra_ms": 1e3 * (extra - step_s),
-          "ckpt_overhead_one_step": (extra - step_s) / step_s,
-          "ckpt_overhead_amortised_at_ckpt_every": (extra - step_s) / (cfg.ckpt_every * step_s)}
+from hat.train.bench import bpe_tokenizer, time_model  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -149,9 +46,10 @@ def main(argv=None) -> int:
     for kind in kinds:
       ov = list(common)
       if kind == "bpe":
-        ov.append(f"data.tokenizer={args.tokenizer or _bpe_tokenizer(args.data, tmp, common)}")
+        ov.append(f"data.tokenizer={args.tokenizer or bpe_tokenizer(args.data, tmp, common)}")
       ckpt_dir = None if args.no_ckpt else tmp / f"ckpt_{kind}"
-      results.append(bench_model(kind, ov, args.steps, ckpt_dir))
+      r = time_model(kind, ov, args.steps, ckpt_dir)
+      results.append({k: v for k, v in r.items() if not k.startswith("_")})
       print(json.dumps(results[-1]), flush=True)
   device = {"device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
             "platform": jax.devices()[0].platform}

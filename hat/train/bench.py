@@ -1,0 +1,119 @@
+"""Timing of real training steps, shared by the benchmark tools.
+
+A few real batches are put on the device first and cycled, so the timing is the jitted
+step alone (no input pipeline); compile time is reported separately.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from hat import flops
+from hat.config import resolve
+from hat.data import pipeline
+from hat.models import model_vocab_size
+from hat.train.checkpoint import Checkpointer
+from hat.train.loop import make_run_mesh
+from hat.train.state import init_state, state_spec
+from hat.train.step import make_train_step
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CONFIGS = {"hat": "configs/tiny_hat.py", "bpe": "configs/tiny_bpe.py",
+           "byte": "configs/tiny_byte.py"}
+
+
+class _NoData:
+  def get_state(self):
+    return {}
+
+
+def bpe_tokenizer(data: str, workdir: pathlib.Path, overrides: list[str],
+                  vocab_size: int = 1024) -> str:
+  """A small BPE model trained on the benchmark's own training text."""
+  from hat.text.bpe import train_bpe  # pylint: disable=g-import-not-at-top
+
+  cfg = resolve(str(ROOT / CONFIGS["hat"]), [f"data.train={data}", *overrides])
+  from hat.data.sources import open_from_config, parse_mixture  # pylint: disable=g-import-not-at-top
+
+  docs = open_from_config(cfg.data, parse_mixture(data)[0], "train")
+  texts = [docs[i] for i in range(min(len(docs), 5000))]
+  path = workdir / f"bench_bpe{vocab_size}.model"
+  train_bpe(texts, vocab_size=vocab_size, model_path=path)
+  return str(path)
+
+
+def time_model(kind: str, overrides: list[str], steps: int,
+               ckpt_dir: pathlib.Path | None = None) -> dict:
+  """Compile + timed steps of one model kind; optionally the async-save overhead."""
+  cfg = resolve(str(ROOT / CONFIGS[kind]), overrides)
+  mesh = make_run_mesh(cfg)
+  tokenizer = pipeline.default_tokenizer(cfg)
+  vocab = model_vocab_size(cfg.model, tokenizer)
+  spec = state_spec(cfg, vocab, mesh)
+  state = init_state(cfg, vocab, mesh, spec)
+  it = pipeline.make_train_iterator(cfg, tokenizer)
+  batches = [pipeline.global_batch(next(it), mesh) for _ in range(4)]
+  step_fn = make_train_step(cfg, spec, mesh, batches[0])
+  one = np.float32(1.0)
+
+  def run(n, state, start=0):
+    m = None
+    for i in range(n):
+      state, m = step_fn(state, batches[(start + i) % len(batches)], one)
+    jax.block_until_ready(m)
+    return state
+
+  with jax.set_mesh(mesh):
+    t0 = time.perf_counter()
+    state = run(1, state)
+    compile_s = time.perf_counter() - t0
+    state = run(2, state)  # settle
+    t0 = time.perf_counter()
+    state = run(steps, state)
+    dt = time.perf_counter() - t0
+    bytes_per_batch = np.mean([float(np.sum(np.asarray(b["num_bytes_B"]))) for b in batches])
+    flops_step = flops.train_flops_per_step(cfg, vocab)
+    kind_dev = jax.devices()[0].device_kind
+    per_dev = flops_step * steps / dt / jax.device_count()
+    out = {"kind": kind, "compile_s": compile_s, "steps_per_s": steps / dt,
+           "step_ms": 1e3 * dt / steps, "bytes_per_batch": bytes_per_batch,
+           "bytes_per_s": bytes_per_batch * steps / dt,
+           "tflops_per_s_per_device": per_dev / 1e12, "mfu": flops.mfu(per_dev, kind_dev),
+           "train_flops_per_step": flops_step, "_cfg": cfg, "_batches": batches,
+           "_vocab": vocab}
+    if ckpt_dir is not None:
+      out.update(_ckpt_overhead(cfg, state, run, ckpt_dir))
+  return out
+
+
+def _ckpt_overhead(cfg, state, run, ckpt_dir, reps: int = 5, window: int = 5):
+  """A save followed by `window` steps vs `window + 1` plain steps (medians of `reps`).
+
+  The save's blocking part (device->host copy) and the background write competing with
+  the following steps are both inside the timed window.
+  """
+  ckpt = Checkpointer(ckpt_dir, keep=2)
+  base, with_save, blocking = [], [], []
+  for rep in range(reps):
+    t0 = time.perf_counter()
+    state = run(window + 1, state)
+    base.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    ckpt.save(1000 + rep, state, _NoData(), cfg)
+    blocking.append(time.perf_counter() - t0)
+    state = run(window, state)
+    with_save.append(time.perf_counter() - t0)
+    ckpt.wait()
+  ckpt.close()
+  b, w = float(np.median(base)), float(np.median(with_save))
+  step_s = b / (window + 1)
+  extra = w - (b - step_s)  # the save's cost in units of time, replacing one step
+  return {"ckpt_save_blocking_ms": 1e3 * float(np.median(blocking)),
+          "ckpt_step_ms": 1e3 * step_s,
+          "ckpt_extra_ms": 1e3 * (extra - step_s),
+          "ckpt_overhead_one_step": (extra - step_s) / step_s,
+          "ckpt_overhead_amortised_at_ckpt_every": (extra - step_s) / (cfg.ckpt_every * step_s)}
