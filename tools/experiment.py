@@ -221,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
   # 6. Samples.
   samples = {}
   for name, wd in runs.items():
-    proc = subprocess.run([py, "-m", "hat.generate", "--workdir", str(wd), "--prompt",
-                           "The old man said that ", "--max-new-bytes", "160", "--seed",
-                           "0"], cwd=ROOT, capture_output=True, text=True)
+    prompt = "Der alte Mann sagte, dass " if name.endswith("_de") else "The old man said that "
+    proc = subprocess.run([py, "-m", "hat.generate", "--workdir", str(wd), "--prompt", prompt,
+                           "--max-new-bytes", "160", "--seed", "0"], cwd=ROOT,
+                          capture_output=True, text=True)
     samples[name] = proc.stdout if proc.returncode == 0 else f"(failed: {proc.stderr[-300:]})"
 
   flops_per_step = {
