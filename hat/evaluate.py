@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     sets = ",".join(filter(None, [cfg.data.eval or f"valid={cfg.data.train}", extra]))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=sets))
   results = evaluate_sets(model, cfg, tokenizer, list(names), max_batches=args.max_batches)
-  print(f"{'set':<16} {'bpb':>8} {'loss':>8} {'word_acc':>9} {'bytes':>12}")
+  print(f"{'set':<16} {'bpb':>8} {'nll':>8} {'word_acc':>9} {'bytes':>12}")
   for name, r in results.items():
     wa = f"{r['word_acc']:.4f}" if "word_acc" in r else "-"
-    print(f"{name:<16} {r['bpb']:>8.4f} {r['loss']:>8.4f} {wa:>9} {int(r['bytes']):>12}")
+    print(f"{name:<16} {r['bpb']:>8.4f} {r['nll']:>8.4f} {wa:>9} {int(r['bytes']):>12}")
   out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "eval.json")
   out.write_text(json.dumps({"workdir": args.workdir, "kind": cfg.model.kind,
                              "results": results}, indent=2))

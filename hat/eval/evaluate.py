@@ -7,7 +7,6 @@ set are directly comparable.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable
 
 import jax
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hat.models.losses import metrics_from_logits
+from hat.models.losses import derived_metrics, metrics_from_logits
 
 
 def make_eval_step(model: nnx.Module) -> Callable[[dict], dict]:
@@ -30,14 +29,8 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict], dict]:
 
 
 def summarize(sums: dict[str, float]) -> dict[str, float]:
-  """Summed metrics -> bpb, loss, accuracies and counts."""
-  out = {"bpb": sums["nll_sum"] / (math.log(2.0) * max(sums["num_bytes"], 1.0)),
-         "loss": sums["nll_sum"] / max(sums["num_targets"], 1.0),
-         "symbol_acc": sums["correct_targets"] / max(sums["num_targets"], 1.0),
-         "bytes": sums["num_bytes"], "targets": sums["num_targets"]}
-  if "num_words" in sums:
-    out["word_acc"] = sums["words_correct"] / max(sums["num_words"], 1.0)
-  return out
+  """Summed metrics -> bpb, nll, accuracies, plus the byte and target counts."""
+  return {**derived_metrics(sums), "bytes": sums["num_bytes"], "targets": sums["num_targets"]}
 
 
 def evaluate_batches(step: Callable[[dict], dict], batches: Iterable[dict]) -> dict:

@@ -61,16 +61,42 @@ def metrics_from_logits(logits_BxLxV: jax.Array, batch: dict) -> dict[str, jax.A
 
 
 def loss_and_metrics(model: Callable[[dict], jax.Array], batch: dict, *,
-                     z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean NLL over counted targets (+ z_loss * mean logsumexp^2) and summed metrics."""
-  metrics = metrics_from_logits(model(batch), batch)
+                     z_loss: float = 0.0,
+                     gate_alpha: Any = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean NLL over counted targets (+ z_loss * mean logsumexp^2) and summed metrics.
+
+  A gated model (one with `forward_with_aux`) adds `gate_alpha * gate_loss` (a traced
+  scalar set by the host-side controller) and its summed gate statistics to the metrics.
+  """
+  aux = None
+  if hasattr(model, "forward_with_aux"):
+    logits, aux = model.forward_with_aux(batch)
+  else:
+    logits = model(batch)
+  metrics = metrics_from_logits(logits, batch)
   denom = jnp.maximum(metrics["num_targets"], 1.0)
   loss = metrics["nll_sum"] / denom
   if z_loss:
     loss = loss + z_loss * metrics["z_loss_sum"] / denom
+  if aux is not None:
+    loss = loss + gate_alpha * aux["gate_loss"] + aux.get("gate_fixed_loss", 0.0)
+    metrics.update({k: v for k, v in aux.items() if k not in ("gate_loss", "gate_fixed_loss")})
   return loss, metrics
 
 
 def bits_per_byte(nll_sum: Any, num_bytes: Any) -> Any:
   """Total NLL in nats over (ln 2 * UTF-8 bytes): the HAT-vs-BPE comparison metric."""
   return nll_sum / (math.log(2.0) * num_bytes)
+
+
+def derived_metrics(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
+  """bpb, per-target loss (nll) and accuracies from summed metrics, keys prefixed."""
+  out = {}
+  if sums.get("num_bytes"):
+    out["bpb"] = float(bits_per_byte(sums["nll_sum"], sums["num_bytes"]))
+  if sums.get("num_targets"):
+    out["nll"] = sums["nll_sum"] / sums["num_targets"]
+    out["target_acc"] = sums["correct_targets"] / sums["num_targets"]
+  if sums.get("num_words"):
+    out["word_acc"] = sums["words_correct"] / sums["num_words"]
+  return {prefix + k: float(v) for k, v in out.items()}

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hat.models.losses import bits_per_byte
+from hat.models.losses import derived_metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +33,8 @@ def is_finite_step(host_metrics: dict[str, Any]) -> bool:
 
 
 def derived(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
-  """bpb, per-target loss and accuracies from summed metrics."""
-  out = {}
-  if sums.get("num_bytes"):
-    out["bpb"] = float(bits_per_byte(sums["nll_sum"], sums["num_bytes"]))
-  if sums.get("num_targets"):
-    out["nll"] = sums["nll_sum"] / sums["num_targets"]
-    out["target_acc"] = sums["correct_targets"] / sums["num_targets"]
-  if sums.get("num_words"):
-    out["word_acc"] = sums["words_correct"] / sums["num_words"]
-  return {prefix + k: float(v) for k, v in out.items()}
+  """bpb, per-target loss and accuracies from summed metrics (see losses.derived_metrics)."""
+  return derived_metrics(sums, prefix)
 
 
 class Window:
