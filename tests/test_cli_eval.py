@@ -1,0 +1,54 @@
+"""The user-facing evaluation commands on a freshly trained tiny run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_train import ROOT, run_train, train_env, write_corpus
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  d = tmp_path_factory.mktemp("cli_eval")
+  corpus, cache = write_corpus(d / "corpus.txt"), d / "cache"
+  run_train(d / "run", (corpus, cache), "steps=4", f"data.eval=en_val=text:{corpus}",
+            "eval_every=4", "eval_batches=1")
+  return d / "run", corpus, cache
+
+
+def _cli(args, cache):
+  env = train_env(1, cache)
+  proc = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_evaluate_named_and_adhoc_sets(trained, tmp_path):
+  run, corpus, cache = trained
+  out = _cli(["-m", "hat.evaluate", "--workdir", str(run), "--eval", "en_val", "--eval",
+              f"again=text:{corpus}", "--max-batches", "2", "--out",
+              str(tmp_path / "e.json")], cache)
+  res = json.loads((tmp_path / "e.json").read_text())["results"]
+  assert set(res) == {"en_val", "again"}
+  assert res["en_val"]["bpb"] == pytest.approx(res["again"]["bpb"])  # same text, same split
+  assert 0 < res["en_val"]["bpb"] < 12 and 0 <= res["en_val"]["word_acc"] <= 1
+  assert "en_val" in out and "bpb" in out
+
+
+def test_generate_and_robustness_commands(trained, tmp_path):
+  run, corpus, cache = trained
+  out = _cli(["-m", "hat.generate", "--workdir", str(run), "--prompt", "the quick bro",
+              "--max-new-bytes", "20", "--temperature", "0"], cache)
+  assert "the quick bro" in out
+  _cli(["-m", "hat.robustness", "--run", f"hat={run}", "--eval", "en_val", "--examples",
+        "3", "--context-bytes", "60", "--continuation-bytes", "30", "--rates", "0,0.2",
+        "--perturbations", "permute,all_caps", "--out", str(tmp_path / "rob")], cache)
+  data = json.loads((tmp_path / "rob" / "robustness.json").read_text())
+  assert set(data["results"]["hat"]) == {"permute", "all_caps"}
+  assert (tmp_path / "rob" / "robustness.png").exists()
