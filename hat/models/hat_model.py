@@ -117,3 +117,43 @@ class HAT(nnx.Module):
     p_BxWxd = self.backbone_forward(words_BxWxD, batch["unit_segment_BxW"],
                                     batch["unit_pos_BxW"])
     return self.decode(self.decoder_inputs(p_BxWxd, batch), batch, row_len)
+
+  # ------------------------------------------------------------------ incremental use
+
+  def encode_units(self, ids_NxL: jax.Array, num_bytes_N: jax.Array) -> jax.Array:
+    """Encoder over single units `[marker] b_1..b_n` (padded to L) -> words_NxD."""
+    cd = self.compute_dtype
+    length = ids_NxL.shape[1]
+    pos_NxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], ids_NxL.shape)
+    # Segment 1 for the unit, 0 for padding: the same-unit mask of the packed layout.
+    segment_NxL = (pos_NxL <= num_bytes_N[:, None]).astype(jnp.int32)
+    x_NxLxd = embed_lookup(self.enc_embed[...], ids_NxL, cd)
+    h_NxLxd = self.encoder(x_NxLxd, segment_BxL=segment_NxL, pos_BxL=pos_NxL)
+    return jnp.einsum("nd,de->ne", h_NxLxd[:, 0].astype(cd), self.w_enc[...].astype(cd))
+
+  def init_caches(self, batch: int, max_units: int, max_unit_slots: int) -> dict:
+    """Empty KV caches: "backbone" over units, "decoder" over the slots of one unit."""
+    return {"backbone": self.backbone.init_cache(batch, max_units, self.compute_dtype),
+            "decoder": self.decoder.init_cache(batch, max_unit_slots, self.compute_dtype)}
+
+  def backbone_extend(self, words_BxTxD: jax.Array, unit_pos_BxT: jax.Array, cache: dict,
+                      length_B: jax.Array) -> tuple[jax.Array, dict]:
+    """T new units through the cached backbone -> (p_BxTxd, cache)."""
+    h_BxTxD, cache = self.backbone.extend(words_BxTxD, pos_BxT=unit_pos_BxT, cache=cache,
+                                          length_B=length_B)
+    cd = self.compute_dtype
+    return jnp.einsum("bte,ed->btd", h_BxTxD.astype(cd), self.w_dec[...].astype(cd)), cache
+
+  def decoder_embed(self, ids_BxT: jax.Array) -> jax.Array:
+    """Decoder input embeddings of byte symbols."""
+    return embed_lookup(self._dec_table(), ids_BxT, self.compute_dtype)
+
+  def decoder_extend(self, x_BxTxd: jax.Array, slot_pos_BxT: jax.Array, cache: dict,
+                     length_B: jax.Array) -> tuple[jax.Array, dict]:
+    """T new decoder slots of the current unit (slot 0 = p) -> (fp32 logits_BxTxV, cache)."""
+    h_BxTxd, cache = self.decoder.extend(x_BxTxd, pos_BxT=slot_pos_BxT, cache=cache,
+                                         length_B=length_B)
+    cd = self.compute_dtype
+    logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxd.astype(cd), self.head[...].astype(cd),
+                              preferred_element_type=jnp.float32)
+    return logits_BxTxV, cache

@@ -1,0 +1,134 @@
+"""Cached generation: equal to the uncached reference, no recompilation, sampling, overflow."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rngs, tiny_model_config
+from hat import config as C
+from hat.data.layout import CapacityError
+from hat.generate import (HATSampler, ReferenceHATSampler, ReferenceTokenSampler,
+                          SampleOptions, TokenSampler, make_sampler, sample_on_device)
+from hat.models import build_model
+from hat.text.codec import W_ID
+from hat.text.splitter import Splitter
+from hat.text.tokenizers import ByteTokenizer
+
+GREEDY = SampleOptions(temperature=0.0, max_new_bytes=24)
+PROMPTS = [b"the quick bro",  # ends mid-word
+           b"",
+           b"Once upon a time there was a small model that spoke bytes. ",  # > one row
+           b"word "]
+
+
+def _cfg(kind, **data):
+  base = dict(max_word_bytes=8, max_units=40, row_len=16, num_rows=16, max_tokens=96)
+  cfg = C.TrainConfig()
+  return dataclasses.replace(cfg, model=tiny_model_config(kind),
+                             data=dataclasses.replace(cfg.data, **{**base, **data}))
+
+
+@pytest.fixture(scope="module")
+def hat_model():
+  cfg = _cfg("hat")
+  model = build_model(cfg.model, vocab_size=259, rngs=rngs(1), row_len=cfg.data.row_len)
+  # An untrained model rarely ends a word; a louder [W] column makes words of a few bytes.
+  model.head[...] = model.head[...].at[:, W_ID].multiply(3.0)
+  return model, cfg
+
+
+def _count_calls(sampler, name):
+  calls, fn = [], getattr(sampler, name)
+  setattr(sampler, name, lambda *a: calls.append(1) or fn(*a))
+  return calls
+
+
+def test_hat_cached_equals_uncached_greedy(hat_model):
+  model, cfg = hat_model
+  splitter = Splitter(cfg.data.splitter, cfg.data.max_word_bytes)
+  cached, ref = HATSampler(model, cfg, splitter), ReferenceHATSampler(model, cfg, splitter)
+  words = _count_calls(cached, "word_fn")
+  batched = cached.generate_batch(PROMPTS, GREEDY)
+  assert len(words) >= 3  # words were committed through the backbone cache
+  for prompt, got in zip(PROMPTS, batched):
+    assert got == ref.generate(prompt, GREEDY), prompt
+  assert cached.generate(PROMPTS[0], GREEDY) == batched[0]
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_token_cached_equals_uncached_greedy(kind, tmp_path):
+  if kind == "bpe":
+    from hat.text.bpe import train_bpe
+    text = [b" ".join(PROMPTS) * 20, b"the quick brown fox jumps over the lazy dog. " * 40]
+    tok = train_bpe(text, 320, tmp_path / "bpe.model", num_threads=1)
+  else:
+    tok = ByteTokenizer()
+  cfg = _cfg(kind)  # room for prompt + output: both samplers see the whole context
+  model = build_model(cfg.model, vocab_size=tok.vocab_size, rngs=rngs(2))
+  cached, ref = TokenSampler(model, cfg, tok), ReferenceTokenSampler(model, cfg, tok)
+  batched = cached.generate_batch(PROMPTS, GREEDY)
+  for prompt, got in zip(PROMPTS, batched):
+    assert got == ref.generate(prompt, GREEDY), prompt
+    assert len(got) <= GREEDY.max_new_bytes
+
+
+def test_no_recompilation_across_words_prompts_and_options(hat_model):
+  model, cfg = hat_model
+  sampler = make_sampler(model, cfg)
+  sampler.generate_batch(PROMPTS[:2], GREEDY)
+  sampler.generate_batch(PROMPTS[2:], SampleOptions(temperature=0.7, top_k=5, top_p=0.9,
+                                                    max_new_bytes=30, seed=3))
+  assert sampler.compile_counts() == {"prefill": 1, "byte": 1, "word": 1}
+  tok_sampler = make_sampler(build_model(_cfg("byte").model, vocab_size=259, rngs=rngs(3)),
+                             _cfg("byte", max_tokens=40), ByteTokenizer())
+  tok_sampler.generate_batch([b"a", b"bc"], SampleOptions(max_new_bytes=50))  # slides too
+  tok_sampler.generate_batch([b"xyz", b""], GREEDY)
+  assert tok_sampler.compile_counts() == {"prefill": 1, "step": 1}
+
+
+def test_sampling_options(hat_model):
+  model, cfg = hat_model
+  sampler = make_sampler(model, cfg)
+  opts = SampleOptions(temperature=1.0, top_k=20, max_new_bytes=20, seed=7)
+  a = sampler.generate_batch(PROMPTS[:2], opts)
+  assert a == sampler.generate_batch(PROMPTS[:2], opts)  # seeded
+  assert a[0] == sampler.generate(PROMPTS[0], opts)  # a row's stream ignores the others
+  assert a != sampler.generate_batch(PROMPTS[:2], dataclasses.replace(opts, seed=8))
+  top1 = dataclasses.replace(opts, top_k=1, max_new_bytes=GREEDY.max_new_bytes)
+  assert sampler.generate_batch(PROMPTS, top1) == sampler.generate_batch(PROMPTS, GREEDY)
+  greedy = sampler.generate(PROMPTS[2], GREEDY)
+  stop = greedy[5:7].decode("latin-1")
+  cut = sampler.generate(PROMPTS[2], dataclasses.replace(GREEDY, stop=(stop,)))
+  assert cut == greedy[:greedy.find(greedy[5:7])]
+
+
+def test_sample_on_device_top_k_top_p():
+  logits_BxV = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 256))
+  keys = jax.random.key_data(jax.random.split(jax.random.key(0), 256))
+
+  def support(top_k, top_p, temperature=1.0):
+    out = sample_on_device(logits_BxV, keys, jnp.float32(temperature), jnp.int32(top_k),
+                           jnp.float32(top_p))
+    return set(np.asarray(out).tolist())
+
+  assert support(0, 1.0) == {0, 1, 2, 3}
+  assert support(2, 1.0) == {0, 1}
+  assert support(0, 0.7) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+  assert support(0, 1.0, temperature=0.0) == {0}
+
+
+def test_backbone_cache_overflow_is_explicit(hat_model):
+  model, cfg = hat_model
+  splitter = Splitter(cfg.data.splitter, cfg.data.max_word_bytes)
+  opts = dataclasses.replace(GREEDY, max_new_bytes=40)
+  with pytest.raises(CapacityError, match="6 units"):
+    HATSampler(model, cfg, splitter, max_units=6, overflow="error").generate(PROMPTS[2], opts)
+  slid = HATSampler(model, cfg, splitter, max_units=6).generate_batch(PROMPTS, opts)
+  assert all(len(s) <= 40 for s in slid) and max(map(len, slid)) == 40
+  tok_cfg = _cfg("byte", max_tokens=16)
+  tok_model = build_model(tok_cfg.model, vocab_size=259, rngs=rngs(3))
+  with pytest.raises(CapacityError, match="16 positions"):
+    TokenSampler(tok_model, tok_cfg, ByteTokenizer(), overflow="error").generate(b"ab", opts)
