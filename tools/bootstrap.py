@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import venv
@@ -37,7 +38,10 @@ def _run(cmd: list[str], **kw) -> None:
 
 
 def ensure_env() -> None:
-  """Creates the virtualenv and installs `.[test]` when pyproject.toml changed."""
+  """Creates the virtualenv and installs `.[test,aot]` when pyproject.toml changed.
+
+  `aot` brings libtpu, so the ahead-of-time TPU compilation test runs on CPU machines.
+  """
   if not PY.exists():
     print(f"creating virtualenv in {VENV}", flush=True)
     venv.EnvBuilder(with_pip=True).create(VENV)
@@ -46,8 +50,13 @@ def ensure_env() -> None:
   if stamp.exists() and stamp.read_text() == digest:
     return
   _run([str(PY), "-m", "pip", "install", "-q", "--upgrade", "pip"])
-  _run([str(PY), "-m", "pip", "install", "-q", "-e", ".[test]"])
+  _run([str(PY), "-m", "pip", "install", "-q", "-e", ".[test,aot]"])
   stamp.write_text(digest)
+
+
+def _has_accelerator() -> bool:
+  """A visible NVIDIA driver or TPU device: let jax pick its best backend."""
+  return shutil.which("nvidia-smi") is not None or any(pathlib.Path("/dev").glob("accel*"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   ensure_env()
   env = dict(os.environ, PYTHONUNBUFFERED="1")
+  if args.job == "demo" and "JAX_PLATFORMS" not in env and not _has_accelerator():
+    env["JAX_PLATFORMS"] = "cpu"  # skip libtpu's probing (and its warnings) on CPU hosts
   try:
     if args.job == "demo":
       for cmd in DEMO_STEPS:
