@@ -52,3 +52,10 @@ def test_generate_and_robustness_commands(trained, tmp_path):
   data = json.loads((tmp_path / "rob" / "robustness.json").read_text())
   assert set(data["results"]["hat"]) == {"permute", "all_caps"}
   assert (tmp_path / "rob" / "robustness.png").exists()
+
+
+def test_plot_metrics(trained, tmp_path):
+  run, _, cache = trained
+  _cli(["tools/plot_metrics.py", f"tiny={run}", "--keys", "train/bpb,eval/en_val/bpb",
+        "--x", "bytes", "--out", str(tmp_path / "c.png")], cache)
+  assert (tmp_path / "c.png").stat().st_size > 1000
