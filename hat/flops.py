@@ -100,10 +100,25 @@ def _train(fwd: dict[str, float]) -> dict[str, float]:
   return out
 
 
+def _merge_capacity(cfg: TrainConfig) -> int:
+  from hat.models.merge_hat import merge_capacity  # local: keeps flops free of model imports
+
+  return merge_capacity(cfg.model, cfg.data.max_tokens)
+
+
+def _is_merge(cfg: TrainConfig) -> bool:
+  return cfg.model.kind == "hat" and cfg.model.gate.kind == "merge"
+
+
 def train_flops_per_sequence(cfg: TrainConfig, vocab_size: int | None = None) -> dict[str, float]:
   """Training FLOPs of one padded sequence per module (plus "total"), as executed."""
   d = cfg.data
-  if cfg.model.kind == "hat":
+  if _is_merge(cfg):
+    # Byte stacks run causally over the whole stream (span masking does not skip work).
+    t, m = d.max_tokens, _merge_capacity(cfg)
+    fwd = _hat_fwd(cfg, units=m, slots=t, enc_pairs=t * t / 2, dec_pairs=t * t / 2,
+                   unit_pairs=m * m / 2)
+  elif cfg.model.kind == "hat":
     units, rows, c = d.max_units, d.num_rows, d.row_len
     fwd = _hat_fwd(cfg, units=units, slots=rows * c, enc_pairs=rows * c * c,
                    dec_pairs=rows * c * c / 2, unit_pairs=units * units / 2)
@@ -120,6 +135,10 @@ def train_flops_per_step(cfg: TrainConfig, vocab_size: int | None = None) -> flo
 def positions_per_sequence(cfg: TrainConfig) -> dict[str, int]:
   """Padded positions each module runs on: units / slots for HAT, tokens otherwise."""
   d = cfg.data
+  if _is_merge(cfg):
+    m = _merge_capacity(cfg)
+    return {"encoder": d.max_tokens, "w_e": m, "backbone": m, "w_d": m,
+            "decoder": d.max_tokens, "head": d.max_tokens}
   if cfg.model.kind == "hat":
     units, slots = d.max_units, d.num_rows * d.row_len
     return {"encoder": slots, "w_e": units, "backbone": units, "w_d": units,
@@ -138,7 +157,13 @@ def real_train_flops_per_window(cfg: TrainConfig, bytes_per_word: float,
                                 vocab_size: int | None = None) -> dict[str, float]:
   """Training FLOPs per module for a full window with perfect packing (no padding)."""
   n_bytes = float(cfg.data.window_bytes)
-  if cfg.model.kind == "hat":
+  if _is_merge(cfg):
+    # Chunks of the target length stand in for words; byte stacks see one stream.
+    chunk = cfg.model.gate.target_bytes_per_chunk
+    chunks = n_bytes / chunk
+    fwd = _hat_fwd(cfg, units=chunks, slots=n_bytes, enc_pairs=n_bytes * n_bytes / 2,
+                   dec_pairs=chunks * chunk * chunk / 2, unit_pairs=chunks * chunks / 2)
+  elif cfg.model.kind == "hat":
     words = n_bytes / bytes_per_word
     unit_len = bytes_per_word + 1  # marker slot + bytes; the decoder's p_i + bytes
     fwd = _hat_fwd(cfg, units=words, slots=n_bytes + words,

@@ -68,6 +68,12 @@ def count_params(m: ModelConfig, vocab_size: int | None = None) -> dict[str, int
     out["w_d"] = bb.d_model * dec.d_model
     out["decoder"] = stack_params(dec)
     out["head"] = dec.d_model * v
+    # Dynamic gates: RMSNorm scale, w and a scalar bias on the backbone (delete) or
+    # byte-encoder (merge) width.
+    if m.gate.kind == "delete":
+      out["gate"] = 2 * bb.d_model + 1
+    elif m.gate.kind == "merge":
+      out["gate"] = 2 * enc.d_model + 1
   else:
     bb = m.backbone
     out["embed"] = v * bb.d_model
@@ -90,7 +96,7 @@ def paper_groups(m: ModelConfig, vocab_size: int | None = None) -> dict[str, int
   dec_embed = c["decoder_embed"] or c["encoder_embed"]
   return {
       "encoder": c["encoder_embed"] + c["encoder"] + c["w_e"],
-      "backbone": c["backbone"],
+      "backbone": c["backbone"] + c.get("gate", 0),
       "decoder": dec_embed + c["w_d"] + c["decoder"] + c["head"],
       "total": c["total"],
   }

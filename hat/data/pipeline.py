@@ -25,6 +25,7 @@ import grain
 import numpy as np
 
 from hat.data import layout as layout_lib
+from hat.data import merge_layout
 from hat.data import sources as sources_lib
 from hat.data.windows import FlatMapIterDataset, WindowIterDataset
 from hat.text import codec
@@ -67,6 +68,8 @@ def default_tokenizer(cfg):
 
 def make_layout(cfg, tokenizer=None) -> Callable[[Sequence[layout_lib.Segment]], list[Batch]]:
   """The window -> sequences function of `cfg.model.kind`."""
+  if merge_layout.is_merge(cfg):  # splitter-free merge-gated HAT: the byte stream
+    return merge_layout.merge_layout_fn(cfg)
   if tokenizer is None:
     tokenizer = default_tokenizer(cfg)
   return layout_lib.layout_fn(cfg, tokenizer)
@@ -164,7 +167,7 @@ def make_eval_iterator(cfg, name_or_spec: str = "valid", tokenizer=None, *,
   global_bs = cfg.data.batch_size
   if tokenizer is None:
     tokenizer = default_tokenizer(cfg)
-  layout = layout or layout_lib.layout_fn(cfg, tokenizer)
+  layout = layout or make_layout(cfg, tokenizer)
   docs = validation_documents(cfg, name_or_spec)
   windows = WindowIterDataset(grain.MapDataset.source(docs).to_iter_dataset(_READ_OPTIONS),
                               _splitter(cfg).split, cfg.data.window_bytes)

@@ -7,12 +7,14 @@ from typing import Any
 from flax import nnx
 
 from hat.config import ModelConfig
+from hat.models.gated_hat import GatedHAT
 from hat.models.hat_model import HAT
+from hat.models.merge_hat import MergeHAT
 from hat.models.losses import bits_per_byte, loss_and_metrics
 from hat.models.token_lm import TokenLM
 from hat.text.codec import BYTE_VOCAB_SIZE
 
-__all__ = ["HAT", "TokenLM", "build_model", "model_vocab_size", "loss_and_metrics",
+__all__ = ["HAT", "GatedHAT", "MergeHAT", "TokenLM", "build_model", "model_vocab_size", "loss_and_metrics",
            "bits_per_byte"]
 
 
@@ -38,6 +40,10 @@ def build_model(model_cfg: ModelConfig, *, vocab_size: int, rngs: nnx.Rngs,
     if vocab_size != BYTE_VOCAB_SIZE:
       raise ValueError(f"HAT predicts the {BYTE_VOCAB_SIZE} byte symbols, got vocab_size="
                        f"{vocab_size}")
+    if model_cfg.gate.kind == "delete":
+      return GatedHAT(model_cfg, row_len=row_len, rngs=rngs)
+    if model_cfg.gate.kind == "merge":
+      return MergeHAT(model_cfg, rngs=rngs)
     return HAT(model_cfg, row_len=row_len, rngs=rngs)
   if model_cfg.kind in ("bpe", "byte"):
     return TokenLM(model_cfg, vocab_size=vocab_size, rngs=rngs)

@@ -99,4 +99,11 @@ def derived_metrics(sums: dict[str, float], prefix: str = "") -> dict[str, float
     out["target_acc"] = sums["correct_targets"] / sums["num_targets"]
   if sums.get("num_words"):
     out["word_acc"] = sums["words_correct"] / sums["num_words"]
+  if sums.get("gate_units"):  # gated models: the controlled ratio and its side effects
+    out["gate_ratio"] = sums["gate_deleted"] / sums["gate_units"]
+    for k in ("kv_overflow", "chunk_overflow"):
+      if k in sums:
+        out[k] = sums[k]
+  if sums.get("chunks"):
+    out["bytes_per_chunk"] = sums["num_bytes"] / sums["chunks"]
   return {prefix + k: float(v) for k, v in out.items()}

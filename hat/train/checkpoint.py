@@ -67,10 +67,14 @@ class Checkpointer:
     """Step of the newest complete checkpoint, or None."""
     return self._manager.latest_step()
 
-  def save(self, step: int, state: nnx.State, data_iterator: Any, cfg: TrainConfig) -> None:
-    """Starts an async save of `state` at `step` (device->host copy happens before return)."""
+  def save(self, step: int, state: nnx.State, data_iterator: Any, cfg: TrainConfig, *,
+           extra: dict | None = None) -> None:
+    """Starts an async save of `state` at `step` (device->host copy happens before return).
+
+    `extra`: more JSON for the `run` item (e.g. a gate controller's state).
+    """
     run = {"step": int(step), "config": to_dict(cfg), "tokenizer_model": self._tokenizer_b64,
-           "process_count": jax.process_count()}
+           "process_count": jax.process_count(), **(extra or {})}
     items = {
         "model": ocp.args.StandardSave(nnx.to_pure_dict(state[MODEL])),
         "optimizer": ocp.args.StandardSave(nnx.to_pure_dict(state[OPTIM])),

@@ -26,7 +26,7 @@ from hat import flops
 from hat.config import ConfigError, TrainConfig
 from hat.data import pipeline
 from hat.data.sources import parse_eval_sets
-from hat.models import model_vocab_size
+from hat.models import gates, model_vocab_size
 from hat.sharding import make_mesh
 from hat.train import checkpoint as ckpt_lib
 from hat.train import metrics as metrics_lib
@@ -79,13 +79,16 @@ def make_run_mesh(cfg: TrainConfig):
   return mesh
 
 
-def _initial_state(cfg, spec, mesh, vocab_size, ckpt, data_iter):
+def _initial_state(cfg, spec, mesh, vocab_size, ckpt, data_iter, controller=None):
   """Resume from the workdir, else start from `init_from`, else from scratch."""
   latest = ckpt.latest_step()
   if latest is not None:
     log.info("resuming from step %d", latest)
-    return ckpt.restore(latest, spec, data_iter,
-                        any_process_data=cfg.global_data_stream), latest
+    state = ckpt.restore(latest, spec, data_iter, any_process_data=cfg.global_data_stream)
+    saved = ckpt_lib.read_run(ckpt.directory / str(latest)).get("gate_controller")
+    if controller is not None and saved:
+      controller.load_state_dict(saved)
+    return state, latest
   if not cfg.init_from:
     return init_state(cfg, vocab_size, mesh, spec), 0
   step_dir = ckpt_lib.find_checkpoint(cfg.init_from)
@@ -158,7 +161,13 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
   spec = state_spec(cfg, vocab_size, mesh)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints, tokenizer=tokenizer)
   data_iter = _train_iterator(cfg, tokenizer)
-  state, step = _initial_state(cfg, spec, mesh, vocab_size, ckpt, data_iter)
+  # A gate's regulariser weight alpha: set on the host each step, saved with checkpoints.
+  controller = gates.make_controller(cfg.model.gate)
+  state, step = _initial_state(cfg, spec, mesh, vocab_size, ckpt, data_iter, controller)
+
+  def save(s):
+    extra = {"gate_controller": controller.state_dict()} if controller else None
+    ckpt.save(s, state, data_iter, cfg, extra=extra)
   last_saved = step if ckpt.latest_step() == step else None
 
   batch = _next_batch(cfg, data_iter, mesh)
@@ -187,6 +196,10 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
           f"grad_norm={host.get('grad_norm')}; stopping without saving this state. "
           f"Last good checkpoint: {f'step {good}' if good is not None else 'none'} in "
           f"{ckpt.directory}")
+    if controller is not None:
+      ratio = gates.measured_ratio(host)
+      if ratio is not None:
+        controller.update(ratio)
     window.add(host)
     if s % cfg.log_every == 0 or s == cfg.steps:
       summary = window.summary()
@@ -204,7 +217,10 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
     with jax.set_mesh(mesh):
       while step < cfg.steps:
         scale = np.float32(math.nan if inject_nan_at_step == step + 1 else 1.0)
-        state, m = train_step(state, batch, scale)
+        alpha = controller.alpha if controller is not None else 0.0
+        state, m = train_step(state, batch, scale, alpha)
+        if controller is not None:
+          m = dict(m, gate_alpha=np.float32(alpha))
         step += 1
         bar.update(1)
         if step_delay_s:
@@ -220,7 +236,7 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
         if want_save or stopping:
           settle(*pending)  # never checkpoint a state whose step was not checked
           pending = None
-          ckpt.save(step, state, data_iter, cfg)
+          save(step)
           last_saved = step
         if stopping:
           status = "preempted"
@@ -236,7 +252,7 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
         pending = None
       if status == "done":
         if last_saved != step:
-          ckpt.save(step, state, data_iter, cfg)
+          save(step)
         eval_results = evaluate(cfg, spec, mesh, eval_step, state, tokenizer)
         writer.write(step, eval_results)
         for k, v in sorted(eval_results.items()):

@@ -22,7 +22,7 @@ from hat.models.losses import derived_metrics
 
 log = logging.getLogger(__name__)
 
-_LAST = ("lr",)  # reported as the window's last value, not its mean
+_LAST = ("lr", "gate_alpha")  # reported as the window's last value, not its mean
 _MEAN = ("loss", "grad_norm")
 
 

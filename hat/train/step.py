@@ -12,6 +12,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -43,23 +44,41 @@ def _micro_batches(batch: dict, accum: int) -> dict:
   return jax.tree.map(split, batch)
 
 
+class _TrainStep:
+  """The jitted step with `gate_alpha` optional (0.0: no gate, or a fixed-weight gate)."""
+
+  def __init__(self, jitted: Callable):
+    self.jitted = jitted
+
+  def __call__(self, state, batch, loss_scale, gate_alpha=None):
+    alpha = np.float32(0.0) if gate_alpha is None else np.float32(gate_alpha)
+    return self.jitted(state, batch, loss_scale, alpha)
+
+  def lower(self, state, batch, loss_scale, gate_alpha=None):
+    """AOT lowering; alpha is a traced fp32 scalar either way."""
+    alpha = jax.ShapeDtypeStruct((), jnp.float32) if gate_alpha is None else gate_alpha
+    return self.jitted.lower(state, batch, loss_scale, alpha)
+
+
 def make_train_step(cfg: TrainConfig, spec: StateSpec, mesh: Mesh,
                     batch_like: dict) -> Callable:
-  """jit((state, batch, loss_scale) -> (state, metrics)), the state donated.
+  """jit((state, batch, loss_scale[, gate_alpha]) -> (state, metrics)), the state donated.
 
   `loss_scale` multiplies the loss (1.0 normally); a NaN there is the fault-injection
-  hook that tests the non-finite guard.
+  hook that tests the non-finite guard. `gate_alpha` weights a gated model's regulariser;
+  it is traced, so the host-side controller changes it every step without recompiling.
   """
   accum, z_loss = cfg.optim.grad_accum, cfg.optim.z_loss
   schedule = lr_schedule(cfg)
 
-  def train_step(state, batch, loss_scale):
+  def train_step(state, batch, loss_scale, gate_alpha):
     model, optimizer = nnx.merge(spec.graphdef, state)
     model_def, params = nnx.split(model, nnx.Param)
     total_targets = _num_targets(batch)
 
     def loss_fn(params, micro):
-      loss, metrics = loss_and_metrics(nnx.merge(model_def, params), micro, z_loss=z_loss)
+      loss, metrics = loss_and_metrics(nnx.merge(model_def, params), micro, z_loss=z_loss,
+                                       gate_alpha=gate_alpha)
       # Re-weight the micro-batch mean to its share of the full batch's mean.
       share = jnp.maximum(metrics["num_targets"], 1.0) / total_targets
       return loss * share * loss_scale, metrics
@@ -86,8 +105,8 @@ def make_train_step(cfg: TrainConfig, spec: StateSpec, mesh: Mesh,
     return nnx.state((model, optimizer)), metrics
 
   in_batch = batch_shardings(mesh, batch_like)
-  return jax.jit(train_step, in_shardings=(spec.shardings, in_batch, None),
-                 out_shardings=(spec.shardings, None), donate_argnums=(0,))
+  return _TrainStep(jax.jit(train_step, in_shardings=(spec.shardings, in_batch, None, None),
+                            out_shardings=(spec.shardings, None), donate_argnums=(0,)))
 
 
 def make_eval_step(cfg: TrainConfig, spec: StateSpec, mesh: Mesh, batch_like: dict) -> Callable:

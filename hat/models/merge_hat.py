@@ -1,0 +1,251 @@
+"""Merge-gated HAT: learned byte chunks instead of rule-based words (no splitter).
+
+Consumes the byte-stream layout of `hat.data.merge_layout` (per segment `[S] b_1 … b_n`,
+targets shifted left). Data flow, all causal:
+
+1. A byte encoder runs over the packed stream (attention within a document segment).
+2. A boundary gate reads each byte's state h_t: a chunk ends at t when p_t > 0.5, or at
+   `[S]` (a segment's first position is a chunk of its own, like HAT's START unit), or
+   when the chunk reached `max_chunk_bytes`. Every input to the decision lies at or
+   before t, so generation makes the identical decision online (`MergeGenerator`).
+3. Chunk ends are compacted to M backbone positions (`capacity`); chunk ends beyond M are
+   dropped (their bytes join the last chunk that fit) and counted as `chunk_overflow`.
+   A chunk's vector is W_E·h_end times a straight-through confidence (value 1, gradient
+   through p), so the language-model loss also trains the gate.
+4. The backbone predicts p_c for each chunk; position t decodes byte t+1 from the guide
+   p of the last chunk ending at or before t, added to the byte embeddings of the
+   decoder, whose attention stays within that span (the bytes since the chunk end).
+
+A controller keeps the mean chunk length near `target_bytes_per_chunk`: MrT5's PI
+controller on `alpha·mean(p)` (the "deleted" bytes are those ending no chunk) or
+H-Net's ratio loss at a fixed weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hat.config import ModelConfig
+from hat.models import gates
+from hat.models.gated_hat import empty_caches, step_stack
+from hat.models.layers import TransformerStack, embed_lookup, param, to_dtype
+from hat.sharding import constrain
+from hat.text.codec import BYTE_VOCAB_SIZE, PAD_ID, S_ID, W_ID
+
+
+def merge_capacity(model_cfg: ModelConfig, positions: int) -> int:
+  """Backbone positions per sequence: the config's, else 1.25·T/target rounded up to 8."""
+  g = model_cfg.gate
+  if g.capacity:
+    return g.capacity
+  return min(positions, int(math.ceil(1.25 * positions / g.target_bytes_per_chunk / 8)) * 8)
+
+
+def chunk_boundaries(p_BxT, segment_BxT, pos_BxT, max_chunk: int):
+  """Chunk-end decisions, left to right: [S], p > 0.5, or a chunk of max_chunk bytes."""
+  real_BxT = segment_BxT > 0
+  bos_BxT = real_BxT & (pos_BxT == 0)
+  want_BxT = real_BxT & (p_BxT > 0.5)
+
+  def body(run_B, inputs):
+    want_B, bos_B = inputs
+    run_B = jnp.where(bos_B, 1, run_B + 1)  # bytes in the current chunk, this one included
+    end_B = bos_B | want_B | (run_B >= max_chunk)
+    return jnp.where(end_B, 0, run_B), end_B
+
+  batch = p_BxT.shape[0]
+  _, end_TxB = jax.lax.scan(body, jnp.zeros((batch,), jnp.int32), (want_BxT.T, bos_BxT.T))
+  return end_TxB.T & real_BxT
+
+
+class MergeHAT(nnx.Module):
+  """Causal byte encoder -> boundary gate -> chunk backbone -> span-local byte decoder."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    enc, bb, dec, g = cfg.encoder, cfg.backbone, cfg.decoder, cfg.gate
+    pd = to_dtype(cfg.param_dtype)
+    self.cfg, self.compute_dtype = cfg, to_dtype(cfg.compute_dtype)
+    self.max_chunk = g.max_chunk_bytes
+    stack = dict(attention_impl=cfg.attention_impl, compute_dtype=cfg.compute_dtype,
+                 param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers)
+    v = BYTE_VOCAB_SIZE
+    self.enc_embed = param(rngs, (v, enc.d_model), ("vocab", "embed"), fan_in=1, dtype=pd)
+    if not cfg.tie_byte_embeddings:
+      self.dec_embed = param(rngs, (v, dec.d_model), ("vocab", "embed"), fan_in=1, dtype=pd)
+    self.encoder = TransformerStack(enc, causal=True, rngs=rngs, **stack)
+    self.gate = gates.BoundaryGate(enc.d_model, norm_eps=enc.norm_eps,
+                                   param_dtype=cfg.param_dtype, rngs=rngs)
+    self.w_enc = param(rngs, (enc.d_model, bb.d_model), (None, "embed"),
+                       fan_in=enc.d_model, dtype=pd)
+    self.backbone = TransformerStack(bb, causal=True, rngs=rngs, **stack)
+    self.w_dec = param(rngs, (bb.d_model, dec.d_model), ("embed", None),
+                       fan_in=bb.d_model, dtype=pd)
+    self.decoder = TransformerStack(dec, causal=True, rngs=rngs, **stack)
+    self.head = param(rngs, (dec.d_model, v), ("embed", "vocab"), fan_in=dec.d_model, dtype=pd)
+
+  def _dec_table(self):
+    return (self.enc_embed if self.cfg.tie_byte_embeddings else self.dec_embed)[...]
+
+  def _chunk_in(self, h_Bx_xd, conf):
+    cd = self.compute_dtype
+    x = jnp.einsum("btd,de->bte", h_Bx_xd.astype(cd), self.w_enc[...].astype(cd))
+    return x * conf[..., None].astype(cd)
+
+  def _chunk_out(self, h_Bx_xD):
+    cd = self.compute_dtype
+    return jnp.einsum("bte,ed->btd", h_Bx_xD.astype(cd), self.w_dec[...].astype(cd))
+
+  def _head(self, h_BxTxd):
+    cd = self.compute_dtype
+    return jnp.einsum("btd,dv->btv", h_BxTxd.astype(cd), self.head[...].astype(cd),
+                      preferred_element_type=jnp.float32)
+
+  def forward_with_aux(self, batch: dict, *, with_boundaries: bool = False):
+    """Teacher-forced forward -> (logits_BxTxV fp32, aux: summed gate statistics + losses).
+
+    `with_boundaries` adds the chunk-end flags `boundary_BxT` to aux (for tests/tools).
+    """
+    ids_BxT, seg_BxT, pos_BxT = batch["tokens_BxT"], batch["segment_BxT"], batch["pos_BxT"]
+    length = ids_BxT.shape[1]
+    capacity = merge_capacity(self.cfg, length)
+    cd = self.compute_dtype
+    x_BxTxd = embed_lookup(self.enc_embed[...], ids_BxT, cd)
+    h_BxTxd = self.encoder(x_BxTxd, segment_BxL=seg_BxT, pos_BxL=pos_BxT)
+    p_BxT = self.gate(h_BxTxd)
+    end_BxT = chunk_boundaries(p_BxT, seg_BxT, pos_BxT, self.max_chunk)
+
+    # Chunk ends -> M backbone positions (first M in order; the rest counted, dropped).
+    index_BxM, valid_BxM, overflow_B = gates.compact_indices(end_BxT, capacity)
+    take = lambda a: jnp.take_along_axis(a, index_BxM, axis=1)
+    h_end_BxMxd = jnp.take_along_axis(h_BxTxd, index_BxM[:, :, None], axis=1)
+    chunks_BxMxD = self._chunk_in(h_end_BxMxd, gates.straight_through(take(p_BxT)))
+    cseg_BxM = jnp.where(valid_BxM, take(seg_BxT), 0)
+    starts_BxM = jnp.concatenate([jnp.ones_like(cseg_BxM[:, :1], jnp.bool_),
+                                  cseg_BxM[:, 1:] != cseg_BxM[:, :-1]], axis=1)
+    arange_M = jnp.arange(capacity)[None, :]
+    first_BxM = jax.lax.cummax(jnp.where(starts_BxM, arange_M, 0), axis=1)
+    cpos_BxM = arange_M - first_BxM
+    hb_BxMxD = self.backbone(constrain(chunks_BxMxD, ("batch", "units", "embed")),
+                             segment_BxL=cseg_BxM, pos_BxL=cpos_BxM)
+    guide_BxMxd = self._chunk_out(hb_BxMxD)
+
+    # Position t decodes byte t+1 from the last chunk ending at or before t.
+    real_BxT = seg_BxT > 0
+    chunk_BxT = jnp.clip(jnp.minimum(gates.slot_of(end_BxT), capacity - 1), 0, capacity - 1)
+    guide_BxTxd = jnp.take_along_axis(guide_BxMxd, chunk_BxT[:, :, None], axis=1)
+    same_doc_BxT = real_BxT & (jnp.take_along_axis(cseg_BxM, chunk_BxT, axis=1) == seg_BxT)
+    y_BxTxd = embed_lookup(self._dec_table(), ids_BxT, cd)
+    y_BxTxd = y_BxTxd + jnp.where(same_doc_BxT[:, :, None], guide_BxTxd, 0).astype(cd)
+    span_start_BxT = jnp.take_along_axis(index_BxM, chunk_BxT, axis=1)
+    dseg_BxT = jnp.where(real_BxT, (chunk_BxT + 1) * (length + 1) + seg_BxT, 0)
+    dpos_BxT = jnp.maximum(jnp.arange(length)[None, :] - span_start_BxT, 0)
+    hd_BxTxd = self.decoder(y_BxTxd, segment_BxL=dseg_BxT, pos_BxL=dpos_BxT)
+    logits_BxTxV = constrain(self._head(hd_BxTxd), ("batch", "length", "vocab"))
+
+    inner_BxT = real_BxT & (pos_BxT > 0)  # bytes whose chunk end the gate decides
+    units = jnp.sum(inner_BxT).astype(jnp.float32)
+    aux = {
+        "gate_units": units,
+        "gate_deleted": jnp.sum(inner_BxT & ~end_BxT).astype(jnp.float32),
+        "gate_p_sum": jnp.sum(jnp.where(inner_BxT, p_BxT, 0.0)),
+        "chunks": jnp.sum(end_BxT).astype(jnp.float32),
+        "chunk_overflow": jnp.sum(overflow_B).astype(jnp.float32),
+        "gate_loss": jnp.sum(jnp.where(inner_BxT, p_BxT, 0.0)) / jnp.maximum(units, 1.0),
+    }
+    g = self.cfg.gate
+    if g.controller == "ratio":
+      aux["gate_fixed_loss"] = g.ratio_loss_weight * gates.ratio_loss(
+          p_BxT, end_BxT, inner_BxT, g.target_bytes_per_chunk)
+    if with_boundaries:
+      aux["boundary_BxT"] = end_BxT
+    return logits_BxTxV, aux
+
+  def __call__(self, batch: dict) -> jax.Array:
+    """Teacher-forced forward -> logits_BxTxV (fp32)."""
+    return self.forward_with_aux(batch)[0]
+
+
+class MergeGenerator:
+  """Greedy online generation: KV caches for the encoder (bytes) and backbone (chunks).
+
+  Each new byte passes the encoder once; the gate decides there and then whether a chunk
+  ends, and only then does the backbone advance. The decoder re-reads the current span
+  (at most `max_chunk_bytes` positions) for each byte.
+  """
+
+  def __init__(self, model: MergeHAT, *, context_bytes: int = 1024, context_chunks: int = 512):
+    self.model, self.max_chunk = model, model.max_chunk
+    self.context_bytes, self.context_chunks = context_bytes, context_chunks
+    graphdef, state = nnx.split(model)
+    self._state = state
+
+    @jax.jit
+    def enc_step(state, caches, byte_B, pos_B):
+      m = nnx.merge(graphdef, state)
+      x = embed_lookup(m.enc_embed[...], byte_B[:, None], m.compute_dtype)
+      h, caches = step_stack(m.encoder, x, pos_B, caches, jnp.ones_like(pos_B, jnp.bool_))
+      return h, m.gate(h)[:, 0], caches
+
+    @jax.jit
+    def bb_step(state, caches, h_Bx1xd, pos_B):
+      m = nnx.merge(graphdef, state)
+      x = m._chunk_in(h_Bx1xd, jnp.ones(h_Bx1xd.shape[:2], jnp.float32))
+      hb, caches = step_stack(m.backbone, x, pos_B, caches, jnp.ones_like(pos_B, jnp.bool_))
+      return m._chunk_out(hb), caches
+
+    @jax.jit
+    def dec_logits(state, guide_Bx1xd, span_BxC, n_B):
+      m = nnx.merge(graphdef, state)
+      used = jnp.arange(span_BxC.shape[1])[None, :] < n_B[:, None]
+      y = embed_lookup(m._dec_table(), span_BxC, m.compute_dtype) + guide_Bx1xd
+      seg = used.astype(jnp.int32)
+      pos = jnp.broadcast_to(jnp.arange(span_BxC.shape[1])[None], span_BxC.shape)
+      hd = m.decoder(y, segment_BxL=seg, pos_BxL=pos)
+      last = jnp.take_along_axis(hd, (n_B - 1)[:, None, None], axis=1)
+      return m._head(last)[:, 0]
+
+    self._enc_step, self._bb_step, self._dec_logits = enc_step, bb_step, dec_logits
+
+  def generate(self, prompt: bytes, max_new_bytes: int):
+    """Greedy continuation -> (new bytes, boundary flags per stream position, logits)."""
+    m = self.model
+    enc = empty_caches(m.encoder, 1, self.context_bytes)
+    bb = empty_caches(m.backbone, 1, self.context_chunks)
+    stream = [S_ID] + list(prompt)
+    ends, logits_log, new = [], [], []
+    span, run, n_chunks, guide = [], 0, 0, None
+    t = 0
+    while True:
+      sym = stream[t]
+      h, p, enc = self._enc_step(self._state, enc, jnp.array([sym], jnp.int32),
+                                 jnp.array([t], jnp.int32))
+      run = 1 if t == 0 else run + 1
+      end = t == 0 or float(p[0]) > 0.5 or run >= self.max_chunk
+      ends.append(bool(end))
+      if end:
+        guide, bb = self._bb_step(self._state, bb, h, jnp.array([n_chunks], jnp.int32))
+        n_chunks, run, span = n_chunks + 1, 0, [sym]
+      else:
+        span.append(sym)
+      t += 1
+      if t < len(stream):
+        continue
+      if len(new) >= max_new_bytes or t >= self.context_bytes:
+        break
+      padded = np.full((1, self.max_chunk + 1), PAD_ID, np.int32)
+      padded[0, :len(span)] = span
+      logits = np.array(self._dec_logits(self._state, guide, jnp.asarray(padded),
+                                         jnp.array([len(span)], jnp.int32))[0])
+      logits_log.append(logits.copy())
+      logits[[PAD_ID, W_ID]] = -np.inf
+      nxt = int(np.argmax(logits))
+      if nxt == S_ID:
+        break
+      new.append(nxt)
+      stream.append(nxt)
+    return bytes(new), np.array(ends), np.array(logits_log)

@@ -1,0 +1,171 @@
+"""Delete gate: soft == hard when saturated, compaction/overflow, KV cache, causality, controller."""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import rngs, tiny_model_config
+from test_train import ROOT
+from hat.config import ConfigError, GateConfig, from_config_dict
+from hat.data.layout import hat_batch_from_texts
+from hat.models import build_model, gated_hat, gates
+
+DOCS = [b"the quick brown fox jumps over the lazy dog. ", b"hello world, hi there you."]
+
+
+def _batch(docs=DOCS):
+  b = hat_batch_from_texts(docs, max_word_bytes=15, max_units=16, num_rows=6, row_len=16,
+                           overflow="error")
+  return {k: jnp.asarray(v) for k, v in b.items()}
+
+
+def _model(layer=1, seed=0, **gate):
+  cfg = tiny_model_config(gate=GateConfig(kind="delete", layer=layer, **gate))
+  return build_model(cfg, vocab_size=259, rngs=rngs(seed), row_len=16)
+
+
+@jax.jit
+def _both(state, graphdef, batch):
+  m = nnx.merge(graphdef, state)
+  return m.forward_with_aux(batch), m.forward_with_aux(batch, hard=True)
+
+
+def _saturate(model):
+  """Gate weights so large that G is 0 or k at every word (about half each)."""
+  model.gate.w[...] = model.gate.w[...] * 1e4
+  model.gate.b[...] = jnp.zeros(())
+
+
+def test_compact_indices_order_capacity_and_overflow():
+  select = jnp.array([[0, 1, 1, 0, 1, 1], [1, 0, 0, 0, 0, 0]], bool)
+  index, valid, overflow = gates.compact_indices(select, 3)
+  np.testing.assert_array_equal(index, [[1, 2, 4], [0, 0, 0]])
+  np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 0, 0]])
+  np.testing.assert_array_equal(overflow, [1, 0])
+  np.testing.assert_array_equal(gates.slot_of(select)[0], [-1, 0, 1, 1, 2, 3])
+
+
+def test_soft_and_hard_deletion_agree_when_gates_saturate():
+  model = _model()
+  _saturate(model)
+  batch = _batch()
+  graphdef, state = nnx.split(model)
+  (soft, aux), (hard, aux_h) = _both(state, graphdef, batch)
+  g = np.asarray(model.gate_scores(model.encode(batch, 16), batch["unit_segment_BxW"],
+                                   batch["unit_pos_BxW"])[1])
+  real = np.asarray(batch["unit_segment_BxW"]) > 0
+  assert np.all((np.abs(g) < 1e-6) | (np.abs(g - model.gate.k) < 1e-6))
+  frac = float(aux["gate_deleted"] / aux["gate_units"])
+  assert 0.2 < frac < 0.8 and float(aux["gate_units"]) == real.sum()
+  mask = np.asarray(batch["target_mask_BxS"]) > 0
+  diff = np.abs(np.asarray(soft) - np.asarray(hard))[mask]
+  assert diff.max() < 1e-5, diff.max()
+  assert float(aux_h["kv_overflow"]) == 0.0
+
+
+def test_hard_deletion_overflow_is_counted():
+  model = _model(capacity=2)
+  model.gate.b[...] = jnp.full((), 50.0)  # nothing deleted: every word wants a K/V entry
+  _, aux = model.forward_with_aux(_batch(), hard=True)
+  real = np.asarray(_batch()["unit_segment_BxW"]) > 0
+  assert float(aux["kv_overflow"]) == real.sum() - 2 * real.shape[0]
+
+
+def test_kv_cache_steps_match_batched_hard_pass_and_skip_deleted_words():
+  model = _model(seed=1)
+  _saturate(model)
+  batch = _batch(DOCS[:1])
+  words = model.encode(batch, 16)
+  seg, pos = batch["unit_segment_BxW"], batch["unit_pos_BxW"]
+  p_full, aux = model.backbone_with_aux(words, seg, pos, hard=True)
+  n = int(batch["num_units_B"][0])
+  caches = gated_hat.empty_backbone_caches(model, 1, 32)
+  step = jax.jit(lambda c, x, p: gated_hat.backbone_step(model, x, p, c))
+  for j in range(n):
+    p_j, caches = step(caches, words[:, j:j + 1], pos[:, j])
+    np.testing.assert_allclose(p_j[0, 0], p_full[0, j], atol=1e-5)
+  kept = n - int(aux["gate_deleted"])
+  assert 0 < kept < n
+  assert [int(c["len_B"][0]) for c in caches["upper"]] == [kept]  # deleted: no K/V entry
+  assert [int(c["len_B"][0]) for c in caches["lower"]] == [n]
+  assert gated_hat.kv_entries(caches) == n + kept
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_gates_are_causal_over_words(hard):
+  model = _model(seed=2)
+  base = _batch(DOCS[:1])
+  other = _batch([b"the quick brown fox jumps over the lazy cat. "])  # same layout
+  graphdef, state = nnx.split(model)
+  outs = [_both(state, graphdef, b)[int(hard)][0] for b in (base, other)]
+  unit = np.asarray(base["slot_unit_BxS"][0])
+  changed = int(np.nonzero(np.asarray(base["slot_ids_BxS"] != other["slot_ids_BxS"])[0])[0][0])
+  earlier = (unit >= 0) & (np.arange(len(unit)) < changed)  # slots before the changed byte
+  a, b = np.asarray(outs[0][0]), np.asarray(outs[1][0])
+  np.testing.assert_allclose(a[earlier], b[earlier], atol=1e-6)
+  assert not np.allclose(a[unit == unit[changed] + 1], b[unit == unit[changed] + 1])
+
+
+def test_pi_controller_update_rule_and_state():
+  c = gates.PIController(target=0.5, kp=0.5, ki=1e-5)
+  assert c.update(0.2) == pytest.approx(0.1 * 0.5 * 0.3 + 1e-5 * 0.3)
+  c.update(0.9)
+  assert c.alpha == 0.0  # alpha is clipped at 0
+  d = gates.PIController(target=0.5)
+  d.load_state_dict(c.state_dict())
+  assert d.state_dict() == c.state_dict()
+
+
+def test_gate_config_is_validated():
+  with pytest.raises(ConfigError, match="model.gate.layer"):
+    from_config_dict({"model": {"gate": {"kind": "delete", "layer": 2}}})
+  with pytest.raises(ConfigError, match="model.gate.kind"):
+    from_config_dict({"model": {"gate": {"kind": "drop"}}})
+
+
+def test_controller_tracks_target_on_a_lagged_plant():
+  """Closed loop against a plant whose ratio follows alpha with lag and a counter-force."""
+  c = gates.PIController(target=0.3, kp=0.5, ki=1e-2)
+  score, ratios = 0.0, []
+  for _ in range(2000):
+    # The score drifts with alpha (the regulariser) and against deletion (the LM loss).
+    score = 0.95 * score + 0.05 * (20.0 * c.alpha - 1.0)
+    ratio = 1.0 / (1.0 + np.exp(-score))
+    ratios.append(ratio)
+    c.update(ratio)
+  assert abs(np.mean(ratios[-200:]) - 0.3) <= 0.02
+
+
+def test_gate_and_controller_state_survive_checkpoint_and_resume(tmp_path):
+  import json
+
+  import orbax.checkpoint as ocp
+
+  from test_train import TINY_OVERRIDES, write_corpus
+  from hat.config import resolve
+  from hat.train import checkpoint as ckpt_lib
+  from hat.train.loop import train
+
+  corpus = write_corpus(tmp_path / "corpus.txt")
+  over = [*TINY_OVERRIDES, f"data.train=text:{corpus}", "model.backbone.num_layers=2",
+          "model.gate.kind=delete", "model.gate.layer=1", "model.gate.target_ratio=0.9",
+          "ckpt_every=2", "mesh=data=1", "global_data_stream=false", "model.scan_layers=false"]
+  workdir = tmp_path / "run"
+  train(resolve(str(ROOT / "configs" / "tiny_hat.py"), [*over, "steps=4"]), workdir,
+        progress=False)
+  saved = ckpt_lib.read_run(workdir / "checkpoints" / "4")["gate_controller"]
+  assert saved["alpha"] > 0 and saved["p"] > 0
+  params = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "4" / "model")
+  assert float(params["gate"]["b"]) != 1.0  # the gate bias trained away from its init
+  train(resolve(str(ROOT / "configs" / "tiny_hat.py"), [*over, "steps=5"]), workdir,
+        progress=False)
+  recs = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  alpha_5 = [r["train/gate_alpha"] for r in recs if r.get("step") == 5 and
+             "train/gate_alpha" in r]
+  assert alpha_5 == [pytest.approx(saved["alpha"], rel=1e-6)]  # step 5 used the restored alpha
+  assert "train/gate_ratio" in recs[-2] or any("train/gate_ratio" in r for r in recs)
