@@ -121,7 +121,7 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) 
     if not isinstance(var, nnx.Variable):
       return NamedSharding(mesh, PartitionSpec())
     names = var.get_metadata().get("logical_axes")
-    shape = var.value.shape
+    shape = var.get_value().shape
     if names is None or len(names) != len(shape):
       # Stacked (scanned) layers prepend a 'layers' axis the names may not include.
       if names is not None and len(names) == len(shape) - 1:
