@@ -29,7 +29,7 @@ DEMO_STEPS = [
     [str(PY), "-m", "hat.generate", "--workdir", DEMO_DIR, "--prompt", "The ",
      "--max-new-bytes", "200", "--seed", "0"],
 ]
-TEST_CMD = [str(PY), "-m", "pytest", "-q", "tests"]
+TEST_CMD = [str(PY), "-m", "pytest", "tests"]  # -q comes from pyproject addopts
 
 
 def _run(cmd: list[str], **kw) -> None:
