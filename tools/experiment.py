@@ -33,8 +33,9 @@ from hat import config as config_lib  # noqa: E402
 from hat import flops  # noqa: E402
 
 SCALES = {
-    # name: (pretrain steps, continued-pretraining steps, robustness examples, eval batches)
-    "full": (1500, 600, 150, 40),
+    # name: (pretrain steps, continued-pretraining steps, robustness examples, final eval
+    # batches; None = the whole validation split, so both models score the same bytes)
+    "full": (1500, 600, 150, None),
     "quick": (60, 30, 12, 4),
 }
 
@@ -113,13 +114,15 @@ def _plot_report(out: pathlib.Path, runs: dict, flops_per_step: dict, evals: dic
            f"- training FLOPs per step (analytic, padded shapes): " + ", ".join(
                f"{k} {v:.3g}" for k, v in flops_per_step.items()), "",
            "## bits per byte (validation)", "",
-           "| model | stage | en_val bpb | de_val bpb | word acc (en) |", "|---|---|---:|---:|---:|"]
+           "| model | stage | en_val bpb | de_val bpb | word acc (en) | bytes scored (en / de) |",
+           "|---|---|---:|---:|---:|---:|"]
   for name, res in evals.items():
     kind, stage = name.split("_")
     wa = res["en_val"].get("word_acc")
     lines.append(f"| {kind.upper()} | {'after German' if stage == 'de' else 'English only'} | "
                  f"{res['en_val']['bpb']:.4f} | {res['de_val']['bpb']:.4f} | "
-                 f"{'-' if wa is None else f'{wa:.4f}'} |")
+                 f"{'-' if wa is None else f'{wa:.4f}'} | "
+                 f"{int(res['en_val']['bytes']):,} / {int(res['de_val']['bytes']):,} |")
   lines += ["", "![continued pretraining](cpt_curves.png)", "",
             "## Robustness (English models)", "",
             "See [robustness/robustness.md](robustness/robustness.md).", "",
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
   en, de = f"text:{args.en}", f"text:{args.de}"
   evals_spec = f"en_val={en},de_val={de}"
   common = {"data.eval": evals_spec, "eval_every":
-            max(10, args.pretrain_steps // 6), "eval_batches": eval_batches // 2 or 1,
+            max(10, args.pretrain_steps // 6), "eval_batches": (eval_batches or 40) // 2 or 1,
             "ckpt_every": max(10, args.pretrain_steps // 3)}
   bpe_over = {**common, "data.tokenizer": str(tok), "data.max_tokens": 256}
   # Compute matching at the corpus's own bytes/word and bytes/token.
@@ -206,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
   for name, wd in runs.items():
     res = wd / "eval_final.json"
     if not res.exists():
+      cap = [] if eval_batches is None else ["--max-batches", str(eval_batches)]
       _run([py, "-m", "hat.evaluate", "--workdir", str(wd), "--eval", "en_val", "--eval",
-            "de_val", "--max-batches", str(eval_batches), "--out", str(res)],
-           logs / f"eval_{name}.log")
+            "de_val", *cap, "--out", str(res)], logs / f"eval_{name}.log")
     evals[name] = json.loads(res.read_text())["results"]
 
   # 5. Robustness on the English models.
