@@ -162,3 +162,15 @@ def test_builtin_corpus_builds(tmp_path):
   assert (text_dir / "json.txt").read_text().startswith("Module json")
   assert sum(f.stat().st_size for f in text_dir.iterdir()) > 1_000_000
   assert isinstance(train[0], bytes) and train[0]
+
+
+def test_long_blank_line_blocks_are_cut_at_line_breaks():
+  from hat.data.tfds_text import MAX_BLOCK_BYTES, _cut_at_lines, split_documents
+  block = b"\n".join(b"sentence %d of a file with no blank lines." % i for i in range(5000))
+  parts = _cut_at_lines(block, 1000)
+  assert b"\n".join(parts) == block  # no byte lost: only the cut line breaks separate
+  assert all(len(p) <= 1000 for p in parts) and len(parts) > 100
+  long_line = b"x" * 3000
+  assert _cut_at_lines(long_line + b"\nab", 1000) == [long_line, b"ab"]
+  docs = split_documents(b"short para\n\n" + block * 20, "blank_line")
+  assert docs[0] == b"short para" and all(len(d) <= MAX_BLOCK_BYTES for d in docs[1:])

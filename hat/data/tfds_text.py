@@ -32,10 +32,14 @@ log = logging.getLogger(__name__)
 
 NAME = "hat_text"
 DOC_MODES = ("file", "blank_line", "line")
-_BUILD_VERSION = "1.0.0"
+_BUILD_VERSION = "1.1.0"
 _SNIFF_BYTES = 8192
 # A block ends at a line break followed by one or more whitespace-only lines.
 _BLANK_LINES = re.compile(rb"\r?\n(?:[ \t\f\v]*\r?\n)+")
+# A blank-line block longer than this (a file of one sentence per line, say) is cut at
+# line breaks into documents of at most this size: shuffling works on documents, and a
+# megabyte-long one would otherwise fill hundreds of consecutive batches with one text.
+MAX_BLOCK_BYTES = 1 << 16
 
 
 class CorpusError(ValueError):
@@ -60,12 +64,30 @@ def looks_binary(head: bytes) -> bool:
   return b"\x00" in head[:_SNIFF_BYTES]
 
 
+def _cut_at_lines(block: bytes, limit: int = MAX_BLOCK_BYTES) -> list[bytes]:
+  """Cuts a block into pieces of at most `limit` bytes at line breaks (a line longer
+  than `limit` stays whole); joining the pieces with b"\\n" gives the block back."""
+  if len(block) <= limit:
+    return [block]
+  out, start = [], 0
+  while len(block) - start > limit:
+    cut = block.rfind(b"\n", start, start + limit)
+    if cut <= start:
+      cut = block.find(b"\n", start + limit)
+      if cut < 0:
+        break
+    out.append(block[start:cut])
+    start = cut + 1
+  out.append(block[start:])
+  return out
+
+
 def split_documents(data: bytes, doc_mode: str) -> list[bytes]:
   """Cuts one file's bytes into non-empty documents; separators are dropped."""
   if doc_mode == "file":
     parts = [data]
   elif doc_mode == "blank_line":
-    parts = _BLANK_LINES.split(data)
+    parts = [c for block in _BLANK_LINES.split(data) for c in _cut_at_lines(block)]
   elif doc_mode == "line":
     parts = [line.removesuffix(b"\r") for line in data.split(b"\n")]
   else:
