@@ -257,7 +257,7 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
         writer.write(step, eval_results)
         for k, v in sorted(eval_results.items()):
           if k.endswith("/bpb") and primary:
-            print(f"final {k} = {v:.4f}", flush=True)
+            bar.write(f"final {k} = {v:.4f}")  # on its own line, above the progress bar
   finally:
     bar.close()
     writer.close()
