@@ -19,9 +19,7 @@ and a report (`report.md` with PNG figures) in the output directory.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import pathlib
 import subprocess
 import sys
@@ -111,7 +109,7 @@ def _plot_report(out: pathlib.Path, runs: dict, flops_per_step: dict, evals: dic
            f"- compute matching: HAT backbone {matched['model.backbone.num_layers']} layers x "
            f"{matched['model.backbone.d_model']} for {matched['_ratio']:.3f}x the BPE FLOPs "
            "per byte (analytic, at the corpus's measured bytes/word and bytes/token)",
-           f"- training FLOPs per step (analytic, padded shapes): " + ", ".join(
+           "- training FLOPs per step (analytic, padded shapes): " + ", ".join(
                f"{k} {v:.3g}" for k, v in flops_per_step.items()), "",
            "## bits per byte (validation)", "",
            "| model | stage | en_val bpb | de_val bpb | word acc (en) | bytes scored (en / de) |",
