@@ -18,9 +18,12 @@ without arguments) finds every host of every slice.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
-import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import execute, split_train_args  # noqa: E402
 
 DEFAULT_LIBTPU_ARGS = ("--xla_tpu_enable_async_collective_fusion=true "
                        "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
@@ -75,18 +78,6 @@ def commands(action: str, args: argparse.Namespace, extra: list[str]) -> list[li
   raise ValueError(f"unknown action {action!r}")
 
 
-def execute(cmds: list[list[str]], dry_run: bool) -> int:
-  """Prints each command; runs it unless dry_run; stops at the first failure."""
-  for argv in cmds:
-    print(shlex.join(argv), flush=True)
-    if not dry_run:
-      rc = subprocess.call(argv)
-      if rc:
-        print(f"failed with exit status {rc}", file=sys.stderr)
-        return rc
-  return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
   """Command-line flags."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
@@ -122,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point; arguments after `--` go to hat.train."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  extra = argv[argv.index("--") + 1:] if "--" in argv else []
-  argv = argv[:argv.index("--")] if "--" in argv else argv
+  argv, extra = split_train_args(sys.argv[1:] if argv is None else argv)
   ap = build_parser()
   args = ap.parse_args(argv)
   if args.action == "run" and not args.workdir.startswith("gs://"):

@@ -26,6 +26,9 @@ import shlex
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import split_train_args  # noqa: E402
+
 # Latency-hiding scheduling overlaps collectives with compute; pipelined collectives and
 # larger combine thresholds batch FSDP's all-gathers / reduce-scatters per layer; cuBLAS
 # rather than Triton GEMMs (faster for these bf16 shapes on H100).
@@ -151,9 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point; arguments after `--` go to hat.train."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  extra = argv[argv.index("--") + 1:] if "--" in argv else []
-  argv = argv[:argv.index("--")] if "--" in argv else argv
+  argv, extra = split_train_args(sys.argv[1:] if argv is None else argv)
   ap = build_parser()
   args = ap.parse_args(argv)
   if args.action == "exec":
