@@ -23,30 +23,37 @@ def _gather_units(x_BxSxD: jax.Array, index_BxW: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x_BxSxD, index_BxW[:, :, None], axis=1)
 
 
+def build_byte_hierarchy(module: nnx.Module, cfg: ModelConfig, *, encoder_causal: bool,
+                         rngs: nnx.Rngs) -> None:
+  """Creates the byte tables, encoder, W_E, backbone, W_D, decoder and head on `module`."""
+  enc, bb, dec = cfg.encoder, cfg.backbone, cfg.decoder
+  pd = to_dtype(cfg.param_dtype)
+  stack = dict(attention_impl=cfg.attention_impl, compute_dtype=cfg.compute_dtype,
+               param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers)
+  v = BYTE_VOCAB_SIZE
+  module.enc_embed = param(rngs, (v, enc.d_model), ("vocab", "embed"), fan_in=1, dtype=pd)
+  if not cfg.tie_byte_embeddings:
+    module.dec_embed = param(rngs, (v, dec.d_model), ("vocab", "embed"), fan_in=1, dtype=pd)
+  module.encoder = TransformerStack(enc, causal=encoder_causal, rngs=rngs, **stack)
+  module.w_enc = param(rngs, (enc.d_model, bb.d_model), (None, "embed"),
+                       fan_in=enc.d_model, dtype=pd)
+  module.backbone = TransformerStack(bb, causal=True, rngs=rngs, **stack)
+  module.w_dec = param(rngs, (bb.d_model, dec.d_model), ("embed", None),
+                       fan_in=bb.d_model, dtype=pd)
+  module.decoder = TransformerStack(dec, causal=True, rngs=rngs, **stack)
+  module.head = param(rngs, (dec.d_model, v), ("embed", "vocab"), fan_in=dec.d_model,
+                      dtype=pd)
+
+
 class HAT(nnx.Module):
   """Encoder (bidirectional, per word) -> causal backbone (per word) -> decoder (per word)."""
 
   def __init__(self, cfg: ModelConfig, *, row_len: int | None = None, rngs: nnx.Rngs):
-    enc, bb, dec = cfg.encoder, cfg.backbone, cfg.decoder
-    pd = to_dtype(cfg.param_dtype)
     self.cfg = cfg
     self.compute_dtype = to_dtype(cfg.compute_dtype)
     # S = R·C is all the batch shapes say; the row length C must come from the data config.
     self.row_len = row_len
-    stack = dict(attention_impl=cfg.attention_impl, compute_dtype=cfg.compute_dtype,
-                 param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers)
-    v = BYTE_VOCAB_SIZE
-    self.enc_embed = param(rngs, (v, enc.d_model), ("vocab", "embed"), fan_in=1, dtype=pd)
-    if not cfg.tie_byte_embeddings:
-      self.dec_embed = param(rngs, (v, dec.d_model), ("vocab", "embed"), fan_in=1, dtype=pd)
-    self.encoder = TransformerStack(enc, causal=False, rngs=rngs, **stack)
-    self.w_enc = param(rngs, (enc.d_model, bb.d_model), (None, "embed"),
-                       fan_in=enc.d_model, dtype=pd)
-    self.backbone = TransformerStack(bb, causal=True, rngs=rngs, **stack)
-    self.w_dec = param(rngs, (bb.d_model, dec.d_model), ("embed", None),
-                       fan_in=bb.d_model, dtype=pd)
-    self.decoder = TransformerStack(dec, causal=True, rngs=rngs, **stack)
-    self.head = param(rngs, (dec.d_model, v), ("embed", "vocab"), fan_in=dec.d_model, dtype=pd)
+    build_byte_hierarchy(self, cfg, encoder_causal=False, rngs=rngs)
 
   def _dec_table(self) -> jax.Array:
     return (self.enc_embed if self.cfg.tie_byte_embeddings else self.dec_embed)[...]

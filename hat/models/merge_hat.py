@@ -33,9 +33,10 @@ from flax import nnx
 from hat.config import ModelConfig
 from hat.models import gates
 from hat.models.gated_hat import empty_caches, step_stack
-from hat.models.layers import TransformerStack, embed_lookup, param, to_dtype
+from hat.models.hat_model import build_byte_hierarchy
+from hat.models.layers import embed_lookup, to_dtype
 from hat.sharding import constrain
-from hat.text.codec import BYTE_VOCAB_SIZE, PAD_ID, S_ID, W_ID
+from hat.text.codec import PAD_ID, S_ID, W_ID
 
 
 def merge_capacity(model_cfg: ModelConfig, positions: int) -> int:
@@ -67,26 +68,12 @@ class MergeHAT(nnx.Module):
   """Causal byte encoder -> boundary gate -> chunk backbone -> span-local byte decoder."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    enc, bb, dec, g = cfg.encoder, cfg.backbone, cfg.decoder, cfg.gate
-    pd = to_dtype(cfg.param_dtype)
     self.cfg, self.compute_dtype = cfg, to_dtype(cfg.compute_dtype)
-    self.max_chunk = g.max_chunk_bytes
-    stack = dict(attention_impl=cfg.attention_impl, compute_dtype=cfg.compute_dtype,
-                 param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers)
-    v = BYTE_VOCAB_SIZE
-    self.enc_embed = param(rngs, (v, enc.d_model), ("vocab", "embed"), fan_in=1, dtype=pd)
-    if not cfg.tie_byte_embeddings:
-      self.dec_embed = param(rngs, (v, dec.d_model), ("vocab", "embed"), fan_in=1, dtype=pd)
-    self.encoder = TransformerStack(enc, causal=True, rngs=rngs, **stack)
-    self.gate = gates.BoundaryGate(enc.d_model, norm_eps=enc.norm_eps,
+    self.max_chunk = cfg.gate.max_chunk_bytes
+    # The same modules as HAT, but the byte encoder is causal: the gate may only look left.
+    build_byte_hierarchy(self, cfg, encoder_causal=True, rngs=rngs)
+    self.gate = gates.BoundaryGate(cfg.encoder.d_model, norm_eps=cfg.encoder.norm_eps,
                                    param_dtype=cfg.param_dtype, rngs=rngs)
-    self.w_enc = param(rngs, (enc.d_model, bb.d_model), (None, "embed"),
-                       fan_in=enc.d_model, dtype=pd)
-    self.backbone = TransformerStack(bb, causal=True, rngs=rngs, **stack)
-    self.w_dec = param(rngs, (bb.d_model, dec.d_model), ("embed", None),
-                       fan_in=bb.d_model, dtype=pd)
-    self.decoder = TransformerStack(dec, causal=True, rngs=rngs, **stack)
-    self.head = param(rngs, (dec.d_model, v), ("embed", "vocab"), fan_in=dec.d_model, dtype=pd)
 
   def _dec_table(self):
     return (self.enc_embed if self.cfg.tie_byte_embeddings else self.dec_embed)[...]
