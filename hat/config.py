@@ -55,6 +55,18 @@ class GateConfig:
   controller: str = "pi"  # pi (MrT5 PI controller on alpha) | ratio (H-Net ratio loss)
   kp: float = 0.5  # PI controller gains
   ki: float = 1e-5
+  # delete: alpha may go negative (the regulariser then rewards keeping words). MrT5
+  # clamps alpha at 0, but a deleted word gets no language-model gradient (nobody
+  # attends to it), so a clamped controller cannot undo an overshoot; see hat/models/gates.
+  two_sided: bool = True
+  # delete: the gate reads stop_gradient(h), so its regulariser cannot reshape the word
+  # states below it (with gradient, every word is deleted within ~10 steps at the tiny
+  # config: the lower layers shift all scores at once).
+  detach_input: bool = True
+  # delete: the gate's own parameters train with plain SGD at lr = sgd_lr / d_model, so
+  # alpha's size sets how hard the regulariser pulls (AdamW moves each parameter by ~lr
+  # whatever alpha is, which makes the controller bang-bang). 0 = train with AdamW.
+  sgd_lr: float = 0.04
   ratio_loss_weight: float = 0.03  # merge with controller=ratio: fixed loss weight
   target_bytes_per_chunk: float = 5.0  # merge: target mean chunk length in bytes
   max_chunk_bytes: int = 31  # merge: a chunk is cut after this many bytes (online too)
@@ -135,7 +147,7 @@ class TrainConfig:
   log_every: int = 10
   eval_every: int = 200
   eval_batches: int = 8
-  ckpt_every: int = 500
+  ckpt_every: int = 500  # 0 = save only at the end (and on SIGTERM)
   keep_checkpoints: int = 3
   seed: int = 0
   mesh: str = "data=-1,fsdp=1,tensor=1"
@@ -237,6 +249,7 @@ def _validate_gate(cfg: TrainConfig) -> None:
            f"must be in [1, model.backbone.num_layers={bb.num_layers}), got {g.layer}")
     _check(0.0 <= g.target_ratio < 1.0, "model.gate.target_ratio", "must be in [0, 1)")
     _check(g.controller == "pi", "model.gate.controller", "the delete gate uses 'pi'")
+    _check(g.sgd_lr >= 0, "model.gate.sgd_lr", f"must be >= 0, got {g.sgd_lr}")
   if g.kind == "merge":
     _check(g.target_bytes_per_chunk >= 1.0, "model.gate.target_bytes_per_chunk",
            "must be >= 1")
@@ -282,6 +295,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
   _check(d.batch_size >= 1, "data.batch_size", "must be positive")
   _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction", "must be in [0, 1)")
   _check(cfg.steps >= 1, "steps", "must be positive")
+  _check(cfg.log_every >= 1, "log_every", "must be positive")
+  for key in ("eval_every", "ckpt_every"):
+    _check(getattr(cfg, key) >= 0, key, "must be >= 0 (0 = only at the end)")
   _check(cfg.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
   _check(0.0 <= cfg.optim.final_lr_fraction <= 1.0, "optim.final_lr_fraction", "must be in [0, 1]")
   return cfg

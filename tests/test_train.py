@@ -163,6 +163,11 @@ def test_config_that_does_not_fit_fails_naming_the_key():
     make_run_mesh(resolve(None, ["mesh=data=2"]))  # one CPU device in this process
   with pytest.raises(ConfigError, match="optim.grad_accum"):
     make_run_mesh(resolve(None, ["mesh=data=1", "data.batch_size=8", "optim.grad_accum=3"]))
+  with pytest.raises(ConfigError, match="^ckpt_every"):
+    resolve(None, ["ckpt_every=-1"])
+  with pytest.raises(ConfigError, match="^log_every"):
+    resolve(None, ["log_every=0"])
+  assert resolve(None, ["ckpt_every=0", "eval_every=0"]).ckpt_every == 0  # only at the end
 
 
 def test_grad_accumulation_matches_full_batch():

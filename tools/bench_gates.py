@@ -83,9 +83,17 @@ def train_and_eval(cfg, eval_batches: int):
         for k, v in jax.device_get(hard(b)).items():
           sums["hard_" + k] = sums.get("hard_" + k, 0.0) + float(v)
   stats = {"train_bytes": trained_bytes, "train_bytes_per_s": timed_bytes / train_s,
-           "train_ratio_last50": float(np.mean(ratios[-50:])) if ratios else None,
+           # The per-step ratio oscillates around delta: report its mean and spread over
+           # the last 100 steps (or the last half of a shorter run).
+           "train_ratio_tail_mean": _tail(ratios, np.mean),
+           "train_ratio_tail_std": _tail(ratios, np.std),
            "alpha": controller.alpha if controller else None}
   return model, sums, stats
+
+
+def _tail(values, fn):
+  tail = values[-min(100, max(1, len(values) // 2)):]
+  return float(fn(tail)) if tail else None
 
 
 def _hard_eval_fn(model):
@@ -236,12 +244,14 @@ def main(argv=None) -> int:
     if args.out:
       with open(args.out, "a") as f:
         f.write(json.dumps(res) + "\n")
-  print("\n| model | bpb | hard bpb | deletion | KV vs plain | bytes/pos | train B/s | gen B/s |")
-  print("|---|---|---|---|---|---|---|---|")
+  print("\n| model | bpb | hard bpb | deletion (eval) | train ratio (tail mean ± std) | "
+        "KV vs plain | bytes/pos | train B/s | gen B/s |")
+  print("|---|---|---|---|---|---|---|---|---|")
   f = lambda v, p=3: "–" if v is None else f"{v:.{p}f}"
   for r in results:
     print(f"| {r['model']} | {f(r['bpb'])} | {f(r.get('hard_bpb'))} | "
-          f"{f(r.get('eval_deletion_ratio'))} | {f(r.get('kv_cache_vs_plain'), 2)} | "
+          f"{f(r.get('eval_deletion_ratio'))} | {f(r.get('train_ratio_tail_mean'))} ± "
+          f"{f(r.get('train_ratio_tail_std'))} | {f(r.get('kv_cache_vs_plain'), 2)} | "
           f"{f(r.get('bytes_per_backbone_position'), 2)} | {f(r['train_bytes_per_s'], 0)} | "
           f"{f(r.get('gen_bytes_per_s'), 0)} |")
   return 0

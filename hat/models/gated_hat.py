@@ -124,7 +124,8 @@ class GatedHAT(HAT):
   def gate_scores(self, words_BxWxD, segment_BxW, pos_BxW):
     """Lower layers and the gate: (h_BxWxD, G_BxW with 0 on padding)."""
     h_BxWxD = self.backbone_lower(words_BxWxD, segment_BxL=segment_BxW, pos_BxL=pos_BxW)
-    g_BxW = jnp.where(segment_BxW > 0, self.gate(h_BxWxD), 0.0)
+    gate_in_BxWxD = jax.lax.stop_gradient(h_BxWxD) if self.cfg.gate.detach_input else h_BxWxD
+    g_BxW = jnp.where(segment_BxW > 0, self.gate(gate_in_BxWxD), 0.0)
     return h_BxWxD, g_BxW
 
   def _project(self, h_BxWxD):

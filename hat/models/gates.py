@@ -115,12 +115,18 @@ class PIController:
   """MrT5's PI controller for the regulariser weight alpha (runs on the host).
 
   `update(measured)`: err = target - measured; p <- 0.9·p + 0.1·kp·err;
-  i <- i + ki·err; alpha = max(0, p + i). State is three floats (checkpointed).
+  i <- i + ki·err; alpha = max(floor, p + i). State is three floats (checkpointed).
+
+  MrT5's floor is 0. `floor=None` lets alpha go negative, which the delete gate needs:
+  a deleted word (G near k) receives almost no language-model gradient, because no
+  later word attends to it, so with alpha clamped at 0 nothing pulls an over-deleted
+  model back (measured at the tiny config: the ratio overshoots to 1.0 and stays there).
   """
 
   target: float
   kp: float = 0.5
   ki: float = 1e-5
+  floor: float | None = 0.0
   p: float = 0.0
   i: float = 0.0
   alpha: float = 0.0
@@ -130,7 +136,7 @@ class PIController:
     err = self.target - float(measured)
     self.p = 0.9 * self.p + 0.1 * self.kp * err
     self.i = self.i + self.ki * err
-    self.alpha = max(0.0, self.p + self.i)
+    self.alpha = self.p + self.i if self.floor is None else max(self.floor, self.p + self.i)
     return self.alpha
 
   def state_dict(self) -> dict[str, float]:
@@ -146,11 +152,13 @@ def make_controller(gate_cfg) -> PIController | None:
   """The host-side controller a gate config asks for (None when alpha is fixed)."""
   if gate_cfg.kind == "none" or gate_cfg.controller != "pi":
     return None
+  floor = 0.0
   if gate_cfg.kind == "delete":
     target = gate_cfg.target_ratio
+    floor = None if gate_cfg.two_sided else 0.0
   else:  # merge: the "deleted" bytes are those that do not end a chunk
     target = 1.0 - 1.0 / gate_cfg.target_bytes_per_chunk
-  return PIController(target=target, kp=gate_cfg.kp, ki=gate_cfg.ki)
+  return PIController(target=target, kp=gate_cfg.kp, ki=gate_cfg.ki, floor=floor)
 
 
 def measured_ratio(metrics: dict[str, Any]) -> float | None:

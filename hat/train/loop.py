@@ -228,7 +228,7 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
         if pending is not None:
           settle(*pending)
         pending = (step, m)
-        want_save = step % cfg.ckpt_every == 0 or step == cfg.steps
+        want_save = step == cfg.steps or (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0)
         sync_point = step % cfg.log_every == 0 or want_save
         # Processes agree on stopping at sync points only: a collective every step would
         # block the host on the device.

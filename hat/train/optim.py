@@ -10,6 +10,12 @@ a row only gets gradient when its symbol occurs: rare BPE tokens of a 64k vocabu
 would be pulled to zero while HAT's 259 byte rows (all frequent) would not, which would
 bias exactly the comparison this project makes. Output heads are ordinary matmuls and
 are decayed.
+
+A delete gate's own parameters (`gate.*`) can train with plain SGD instead
+(`model.gate.sgd_lr`): its regulariser weight alpha is set by a controller, and only an
+optimiser whose step scales with the gradient lets alpha's size set the pull. AdamW
+normalises each coordinate, so any net push moves the gate by ~lr per step and the
+controller degenerates to bang-bang (measured: the deletion ratio swings 0 <-> 1).
 """
 
 from __future__ import annotations
@@ -56,12 +62,47 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
 
 
+def is_gate_param(path: tuple) -> bool:
+  """Whether the parameter at a key path belongs to a model's gate module (`gate.*`)."""
+  return bool(path) and _key_name(path[0]) == "gate"
+
+
+def gate_sgd_lr(cfg: TrainConfig) -> float:
+  """Plain-SGD learning rate of the delete gate's parameters; 0 when they use AdamW."""
+  g = cfg.model.gate
+  if g.kind != "delete" or g.sgd_lr <= 0:
+    return 0.0
+  # The score w·RMSNorm(h) sums d_model unit-scale terms, so an SGD step on w moves it by
+  # ~lr·d_model·grad: dividing by d_model keeps the gate's speed independent of width.
+  return g.sgd_lr / cfg.model.backbone.d_model
+
+
+def with_gate_sgd(base: optax.GradientTransformation,
+                  lr: float) -> optax.GradientTransformation:
+  """`base` for every parameter except the gate's, which get `-lr · gradient`.
+
+  The gate's slots in `base`'s state are kept (a few hundred floats) so that the state
+  has one layout whichever way a parameter is trained. The gate's gradient is not
+  clipped: its step must follow alpha, not the global norm of the rest of the model.
+  """
+
+  def update(grads, state, params=None):
+    updates, state = base.update(grads, state, params)
+    updates = jax.tree_util.tree_map_with_path(
+        lambda path, u, g: -lr * g if is_gate_param(path) else u, updates, grads)
+    return updates, state
+
+  return optax.GradientTransformation(base.init, update)
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  """Clip by global norm, then AdamW on the schedule with the decay mask."""
+  """Clip by global norm, then AdamW on the schedule with the decay mask (gate: SGD)."""
   o = cfg.optim
   parts = []
   if o.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(o.grad_clip))
   parts.append(optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps,
                            weight_decay=o.weight_decay, mask=decay_mask))
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  lr = gate_sgd_lr(cfg)
+  return with_gate_sgd(tx, lr) if lr > 0 else tx
