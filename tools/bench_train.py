@@ -55,15 +55,19 @@ def main(argv=None) -> int:
             "platform": jax.devices()[0].platform}
   print(f"\ndevice: {device['device_kind']} x{device['device_count']}")
   print(f"{'model':6} {'steps/s':>9} {'bytes/s':>11} {'TFLOP/s/dev':>12} {'MFU':>7} "
-        f"{'ckpt ovh (1 step)':>18} {'ckpt ovh (amortised)':>21}")
+        f"{'step ms':>8} {'save ms':>8} {'ckpt ovh (1 step)':>18} {'ckpt ovh (amortised)':>21}"
+        f" {'previous save ms':>19} {'previous ovh':>15}")
   for r in results:
     mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     one = r.get("ckpt_overhead_one_step")
     am = r.get("ckpt_overhead_amortised_at_ckpt_every")
+    pct = lambda v, p=0: "" if v is None else f"{100 * v:.{p}f}%"
+    ms = lambda v: "" if v is None else f"{v:.0f}"
     print(f"{r['kind']:6} {r['steps_per_s']:9.2f} {r['bytes_per_s']:11.0f} "
-          f"{r['tflops_per_s_per_device']:12.4f} {mfu:>7} "
-          f"{'' if one is None else f'{100 * one:.0f}%':>18} "
-          f"{'' if am is None else f'{100 * am:.2f}%':>21}")
+          f"{r['tflops_per_s_per_device']:12.4f} {mfu:>7} {ms(r.get('ckpt_step_ms')):>8} "
+          f"{ms(r.get('ckpt_extra_ms')):>8} {pct(one):>18} {pct(am, 2):>21} "
+          f"{ms(r.get('ckpt_extra_ms_previous')):>19} "
+          f"{pct(r.get('ckpt_overhead_one_step_previous')):>15}")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"device": device, "results": results}, indent=2) + "\n")

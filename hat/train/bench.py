@@ -94,28 +94,39 @@ def _ckpt_overhead(cfg, state, run, ckpt_dir, reps: int = 5, window: int = 5):
   """A save followed by `window` steps vs `window + 1` plain steps (medians of `reps`).
 
   The save's blocking part (device->host copy) and the background write competing with
-  the following steps are both inside the timed window.
+  the following steps are both inside the timed window. Measured twice, interleaved:
+  the default Checkpointer (device snapshot, host copy and hand-off in a background
+  thread) and the previous one (orbax's per-array device->host transfer in the training
+  thread: `background=False, host_copy=False`), the latter as `..._previous`.
   """
-  ckpt = Checkpointer(ckpt_dir, keep=2)
-  base, with_save, blocking = [], [], []
+  out = {}
+  ckpts = {"": Checkpointer(ckpt_dir / "default", keep=2),
+           "_previous": Checkpointer(ckpt_dir / "previous", keep=2, host_copy=False,
+                                     background=False)}
+  base, with_save, blocking = [], {k: [] for k in ckpts}, {k: [] for k in ckpts}
   for rep in range(reps):
     t0 = time.perf_counter()
     state = run(window + 1, state)
     base.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    ckpt.save(1000 + rep, state, _NoData(), cfg)
-    blocking.append(time.perf_counter() - t0)
-    state = run(window, state)
-    with_save.append(time.perf_counter() - t0)
-    ckpt.wait()
-  ckpt.close()
-  b, w = float(np.median(base)), float(np.median(with_save))
+    for suffix, ckpt in ckpts.items():
+      t0 = time.perf_counter()
+      ckpt.save(1000 + rep, state, _NoData(), cfg)
+      blocking[suffix].append(time.perf_counter() - t0)
+      state = run(window, state)
+      with_save[suffix].append(time.perf_counter() - t0)
+      ckpt.wait()
+  b = float(np.median(base))
   step_s = b / (window + 1)
-  # (save + `window` steps) - `window` plain steps: everything the save adds, its blocking
-  # device->host copy and the slowdown of the steps its background write overlaps.
-  extra = w - (b - step_s)
-  return {"ckpt_save_blocking_ms": 1e3 * float(np.median(blocking)),
-          "ckpt_step_ms": 1e3 * step_s,
-          "ckpt_extra_ms": 1e3 * extra,
-          "ckpt_overhead_one_step": extra / step_s,
-          "ckpt_overhead_amortised_at_ckpt_every": extra / (cfg.ckpt_every * step_s)}
+  out["ckpt_step_ms"] = 1e3 * step_s
+  for suffix, ckpt in ckpts.items():
+    ckpt.close()
+    w = float(np.median(with_save[suffix]))
+    # (save + `window` steps) - `window` plain steps: everything the save adds, its
+    # blocking part and the slowdown of the steps its background write overlaps.
+    extra = w - (b - step_s)
+    out.update({f"ckpt_save_blocking_ms{suffix}": 1e3 * float(np.median(blocking[suffix])),
+                f"ckpt_extra_ms{suffix}": 1e3 * extra,
+                f"ckpt_overhead_one_step{suffix}": extra / step_s,
+                f"ckpt_overhead_amortised_at_ckpt_every{suffix}":
+                    extra / (cfg.ckpt_every * step_s) if cfg.ckpt_every else None})
+  return out

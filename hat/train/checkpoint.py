@@ -16,6 +16,7 @@ enough to rebuild the model (`load_for_inference`, `init_from`).
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import logging
 import pathlib
@@ -45,6 +46,21 @@ class _FrozenIteratorState:
     return self._state
 
 
+def _host_copy(tree: Any) -> Any:
+  """`tree` with its arrays copied to host numpy arrays, when this process holds them all.
+
+  One batched `jax.device_get` (2 ms for the tiny model's 108 arrays on CPU) instead of
+  orbax's per-array device transfer and jax-array serialisation: measured on the tiny
+  HAT, a save's blocking part drops from 40 to 18 ms and the whole save from 185 to
+  75 ms. Arrays spread over several processes (multi-host) stay jax arrays, for orbax
+  to write each shard from the process that holds it.
+  """
+  leaves = jax.tree.leaves(tree)
+  if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+    return jax.device_get(tree)
+  return tree
+
+
 def _fill(abstract: nnx.State, pure: dict) -> nnx.State:
   """A fresh copy of `abstract` with the arrays of `pure` (possibly partial) put in."""
   state = jax.tree.map(lambda x: x, abstract)  # new Variables; the spec stays abstract
@@ -53,9 +69,28 @@ def _fill(abstract: nnx.State, pure: dict) -> nnx.State:
 
 
 class Checkpointer:
-  """Async orbax checkpoints of a run (every process calls every method, in step)."""
+  """Async orbax checkpoints of a run (every process calls every method, in step).
 
-  def __init__(self, workdir: str | pathlib.Path, *, keep: int, tokenizer: Any = None):
+  A save blocks the training loop only to enqueue a device-side copy of the state (the
+  train step donates its input, so the live buffers cannot be read later) and to freeze
+  the data-iterator state. A background thread then copies the snapshot to the host and
+  hands it to orbax, whose own threads write it. Measured by `tools/bench_train.py`.
+
+  `background=None` (the default) runs the hand-off in the background in single-process
+  runs only: with several processes orbax synchronises them during a save, and doing
+  that from a side thread would let the processes' collectives interleave differently.
+  The snapshot costs one extra copy of this process's state shards in device memory
+  until the host copy is done.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, *, keep: int, tokenizer: Any = None,
+               host_copy: bool = True, background: bool | None = None):
+    self.host_copy = host_copy  # False: hand orbax the jax arrays (see _host_copy)
+    if background is None:
+      background = jax.process_count() == 1
+    self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+                  if background else None)
+    self._handoff: concurrent.futures.Future | None = None
     self.directory = pathlib.Path(workdir).absolute() / CHECKPOINTS
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=True)
@@ -65,24 +100,43 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     """Step of the newest complete checkpoint, or None."""
+    self._finish_handoff()
     return self._manager.latest_step()
 
   def save(self, step: int, state: nnx.State, data_iterator: Any, cfg: TrainConfig, *,
            extra: dict | None = None) -> None:
-    """Starts an async save of `state` at `step` (device->host copy happens before return).
+    """Starts an async save of `state` at `step`; returns before anything is written.
 
     `extra`: more JSON for the `run` item (e.g. a gate controller's state).
     """
     run = {"step": int(step), "config": to_dict(cfg), "tokenizer_model": self._tokenizer_b64,
            "process_count": jax.process_count(), **(extra or {})}
+    model = nnx.to_pure_dict(state[MODEL])
+    optimizer = nnx.to_pure_dict(state[OPTIM])
+    data = _FrozenIteratorState(data_iterator) if data_iterator is not None else None
+    self._finish_handoff()  # one hand-off at a time; raises a failed one's error
+    if self._pool is None:
+      self._hand_to_orbax(step, model, optimizer, run, data)
+      return
+    # Device-side copies, enqueued before the next step donates (and reuses) `state`.
+    model, optimizer = jax.tree.map(lambda x: x.copy(), (model, optimizer))
+    self._handoff = self._pool.submit(self._hand_to_orbax, step, model, optimizer, run, data)
+
+  def _hand_to_orbax(self, step, model, optimizer, run, data) -> None:
+    copy = _host_copy if self.host_copy else (lambda tree: tree)
     items = {
-        "model": ocp.args.StandardSave(nnx.to_pure_dict(state[MODEL])),
-        "optimizer": ocp.args.StandardSave(nnx.to_pure_dict(state[OPTIM])),
+        "model": ocp.args.StandardSave(copy(model)),
+        "optimizer": ocp.args.StandardSave(copy(optimizer)),
         "run": ocp.args.JsonSave(run),
     }
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_iterator))
+    if data is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def _finish_handoff(self) -> None:
+    if self._handoff is not None:
+      handoff, self._handoff = self._handoff, None
+      handoff.result()
 
   def restore(self, step: int, spec: StateSpec, data_iterator: Any, *,
               any_process_data: bool = False) -> nnx.State:
@@ -95,12 +149,17 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk."""
+    self._finish_handoff()
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      if self._pool is not None:
+        self._pool.shutdown(wait=True)
+      self._manager.close()
 
 
 def restore_data_state(step_dir: pathlib.Path, data_iterator: Any, *,
