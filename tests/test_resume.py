@@ -81,3 +81,44 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, train_da
   import jax
   from flax import nnx
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_async_save_keeps_the_state_of_its_step_when_the_next_step_donates_it(
+    tmp_path, monkeypatch, background):
+  """The background hand-off writes the values at save time, not the donated buffers'."""
+  import jax
+
+  from hat.train import checkpoint as ckpt_lib
+  from flax import nnx
+
+  from hat.config import resolve
+  from hat.models import model_vocab_size
+  from hat.sharding import make_mesh
+  from hat.train.checkpoint import Checkpointer, restore_pure
+  from hat.train.state import MODEL, init_state, state_spec
+
+  cfg = resolve(str(ROOT / "configs" / "tiny_hat.py"), ["mesh=data=1"])
+  mesh = make_mesh("data=1", jax.devices()[:1])
+  vocab = model_vocab_size(cfg.model)
+  spec = state_spec(cfg, vocab, mesh)
+  state = init_state(cfg, vocab, mesh, spec)
+  before = jax.device_get(nnx.to_pure_dict(state[MODEL]))
+  bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+  hand_off = ckpt_lib.Checkpointer._hand_to_orbax
+
+  def late_hand_off(self, *args):
+    time.sleep(0.5)  # the next steps have donated the live buffers by now
+    return hand_off(self, *args)
+
+  if background:
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "_hand_to_orbax", late_hand_off)
+  ckpt = Checkpointer(tmp_path / "run", keep=2, background=background)
+  ckpt.save(7, state, None, cfg)
+  for _ in range(3):
+    state = bump(state)  # reuses the saved step's buffers
+  ckpt.close()
+  saved = restore_pure(tmp_path / "run" / "checkpoints" / "7", spec, with_optimizer=False)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(saved[MODEL]), before)
+  after = jax.device_get(nnx.to_pure_dict(state[MODEL]))
+  assert not np.array_equal(jax.tree.leaves(after)[0], jax.tree.leaves(before)[0])

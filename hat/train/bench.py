@@ -90,7 +90,7 @@ def time_model(kind: str, overrides: list[str], steps: int,
   return out
 
 
-def _ckpt_overhead(cfg, state, run, ckpt_dir, reps: int = 5, window: int = 5):
+def _ckpt_overhead(cfg, state, run, ckpt_dir, reps: int = 9, window: int = 5):
   """A save followed by `window` steps vs `window + 1` plain steps (medians of `reps`).
 
   The save's blocking part (device->host copy) and the background write competing with
