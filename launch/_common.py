@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import subprocess
 import sys
@@ -13,6 +14,12 @@ def split_train_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return list(argv), []
   i = argv.index("--")
   return list(argv[:i]), list(argv[i + 1:])
+
+
+def add_dry_run_flag(ap: argparse.ArgumentParser) -> None:
+  """The launchers' common `--dry-run` flag (print the commands, run nothing)."""
+  ap.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                  help="print the commands without running them")
 
 
 def execute(cmds: list[list[str]], dry_run: bool) -> int:

@@ -23,7 +23,7 @@ import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import execute, split_train_args  # noqa: E402
+from _common import add_dry_run_flag, execute, split_train_args  # noqa: E402
 
 DEFAULT_LIBTPU_ARGS = ("--xla_tpu_enable_async_collective_fusion=true "
                        "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
@@ -106,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--libtpu_args", default=DEFAULT_LIBTPU_ARGS,
                   help="LIBTPU_INIT_ARGS ('' for libtpu's defaults)")
   ap.add_argument("--lines", type=int, default=100, help="logs: lines per pod")
-  ap.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                  help="print the commands without running them")
+  add_dry_run_flag(ap)
   return ap
 
 

@@ -27,7 +27,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import split_train_args  # noqa: E402
+from _common import add_dry_run_flag, split_train_args  # noqa: E402
 
 # Latency-hiding scheduling overlaps collectives with compute; pipelined collectives and
 # larger combine thresholds batch FSDP's all-gathers / reduce-scatters per layer; cuBLAS
@@ -147,8 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--workdir", default="", help="submit: run directory on a shared filesystem")
   ap.add_argument("--port", type=int, default=0, help="exec: coordinator port (default: "
                                                       "from the job id)")
-  ap.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                  help="print the commands without running them")
+  add_dry_run_flag(ap)
   return ap
 
 

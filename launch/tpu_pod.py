@@ -21,7 +21,7 @@ import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import execute, split_train_args  # noqa: E402
+from _common import add_dry_run_flag, execute, split_train_args  # noqa: E402
 
 # Software images per generation (Cloud TPU "runtime versions").
 RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite",
@@ -143,8 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--worker", default="0", help="logs: which worker ('all' for every one)")
   ap.add_argument("--lines", type=int, default=50, help="logs: lines to show")
   ap.add_argument("--log_dir", default="logs", help="collect: local directory")
-  ap.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                  help="print the commands without running them")
+  add_dry_run_flag(ap)
   return ap
 
 
