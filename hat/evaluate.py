@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
 
   from hat.data.sources import parse_eval_sets
-  from hat.train.checkpoint import load_for_inference
+  from hat.rundir import load_for_inference
   model, cfg, tokenizer = load_for_inference(args.workdir)
   names = {}
   for item in args.eval or list(parse_eval_sets(cfg.data.eval, cfg.data.train)):

@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="uncached reference sampler (full recompute per symbol)")
   args = parser.parse_args(argv)
 
-  from hat.train.checkpoint import load_for_inference
+  from hat.rundir import load_for_inference
   model, cfg, tokenizer = load_for_inference(args.workdir)
   sampler = make_sampler(model, cfg, tokenizer, cached=not args.no_cache)
   opts = SampleOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

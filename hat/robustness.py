@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
   from hat.data.sources import parse_eval_sets
   from hat.eval.loglik import Scorer
   from hat.eval.robustness import evaluate_robustness, make_examples, write_report
-  from hat.train.checkpoint import load_for_inference
+  from hat.rundir import load_for_inference
 
   scorers, first_cfg = {}, None
   for item in args.run:

@@ -69,7 +69,7 @@ def test_checkpoint_from_8_devices_continues_on_2(tmp_path, train_data, sharded_
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, train_data):
-  from hat.train.checkpoint import load_for_inference
+  from hat.rundir import load_for_inference
 
   proc = run_train(tmp_path, train_data, "mesh=data=1", "ckpt_every=2", check=False,
                    HAT_INJECT_NAN_AT_STEP="5")
@@ -100,7 +100,7 @@ def test_async_save_keeps_the_state_of_its_step_when_the_next_step_donates_it(
 
   cfg = resolve(str(ROOT / "configs" / "tiny_hat.py"), ["mesh=data=1"])
   mesh = make_mesh("data=1", jax.devices()[:1])
-  vocab = model_vocab_size(cfg.model)
+  vocab = model_vocab_size(cfg)
   spec = state_spec(cfg, vocab, mesh)
   state = init_state(cfg, vocab, mesh, spec)
   before = jax.device_get(nnx.to_pure_dict(state[MODEL]))

@@ -233,7 +233,7 @@ def _cost_flops(compiled) -> float | None:
 def _compile(cfg: TrainConfig, mesh: Mesh):
   """(compiled train step, state spec, lower seconds, compile seconds)."""
   t0 = time.time()
-  spec = state_spec(cfg, model_vocab_size(cfg.model), mesh)
+  spec = state_spec(cfg, model_vocab_size(cfg), mesh)
   batch_shapes = abstract_batch(cfg)
   with jax.set_mesh(mesh):
     # The trainer's own jitted step: forward, backward, accumulation, AdamW update.

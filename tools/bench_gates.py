@@ -44,7 +44,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def train_and_eval(cfg, eval_batches: int):
   """Trains cfg (controller on the host) -> (model, summed eval metrics, train stats)."""
   mesh = make_mesh("data=1", jax.devices()[:1])
-  vocab = model_vocab_size(cfg.model)
+  vocab = model_vocab_size(cfg)
   spec = state_spec(cfg, vocab, mesh)
   state = init_state(cfg, vocab, mesh, spec)
   it = pipeline.make_train_iterator(cfg, process_index=0, process_count=1)

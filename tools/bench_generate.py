@@ -56,7 +56,7 @@ def _corpus_texts(max_bytes: int) -> list[bytes]:
 def _build(config_path: str, tokenizer=None, w_scale: float = 0.0):
   cfg = C.resolve(config_path, [])
   vocab = tokenizer.vocab_size if tokenizer is not None else 259
-  model = build_model(cfg.model, vocab_size=vocab, rngs=nnx.Rngs(0), row_len=cfg.data.row_len)
+  model = build_model(cfg, vocab_size=vocab, rngs=nnx.Rngs(0))
   if w_scale:
     model.head[...] = model.head[...].at[:, W_ID].multiply(w_scale)
   return make_sampler(model, cfg, tokenizer), cfg

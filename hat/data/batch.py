@@ -12,7 +12,7 @@ produced: words are at most `max_word_bytes`). A window may hold the tail of one
 document and the heads of others; each part is a *segment*. Both layouts below are made
 from the identical windows, one window per sequence, so HAT and BPE see the same bytes.
 
-HAT layout (`kind == "hat"`)
+HAT layout (families `hat`, `hat_delete`; see `hat.family`)
 ----------------------------
 Each segment becomes a list of *units*: `START, w_1, …, w_n[, END]`. START opens every
 segment; END follows the last word only where the segment ends its document. The
@@ -39,7 +39,7 @@ same-unit mask (bidirectional in the encoder, causal in the decoder).
   num_units_B        int32  units used (overflow/utilisation statistics)
   overflow_B         int32  1 if the sequence continues a window that overflowed capacity
 
-Token layout (`kind in ("bpe", "byte")`)
+Token layout (families `bpe`, `byte`, and `hat_merge` with the byte tokenizer)
 ----------------------------------------
 Each segment becomes `BOS t_1 … t_m`; targets are the inputs shifted left, with `EOS`
 after t_m only where the segment ends its document (otherwise the last input has no
@@ -67,3 +67,16 @@ HAT_KEYS = ("unit_segment_BxW", "unit_pos_BxW", "unit_slot_BxW", "slot_ids_BxS",
             "num_units_B", "overflow_B")
 TOKEN_KEYS = ("tokens_BxT", "targets_BxT", "target_mask_BxT", "segment_BxT", "pos_BxT",
               "num_bytes_B", "overflow_B")
+
+
+def hat_shapes(batch_size: int, *, max_units: int, slots: int) -> dict[str, tuple]:
+  """{key: (shape, dtype name)} of a HAT batch: W = max_units units, S = slots."""
+  b, w, s = batch_size, max_units, slots
+  dims = {"W": (b, w), "S": (b, s), "B": (b,)}
+  return {k: (dims[k.rsplit("_", 1)[1].split("x")[-1]], "int32") for k in HAT_KEYS}
+
+
+def token_shapes(batch_size: int, *, max_tokens: int) -> dict[str, tuple]:
+  """{key: (shape, dtype name)} of a token batch: T = max_tokens positions."""
+  dims = {"T": (batch_size, max_tokens), "B": (batch_size,)}
+  return {k: (dims[k.rsplit("_", 1)[1].split("x")[-1]], "int32") for k in TOKEN_KEYS}

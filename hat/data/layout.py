@@ -9,7 +9,7 @@ truncated, and every target is predicted exactly once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -235,18 +235,6 @@ def _token_byte_lengths(tokenizer, ids: list[int], total: int) -> list[int]:
 def stack(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   """Stacks unbatched sequences into a batch dict (leading axis B)."""
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-
-def layout_fn(cfg, tokenizer=None, splitter=None) -> Callable[[Sequence[Segment]], list]:
-  """The window -> sequences function for `cfg.model.kind` (cfg is a TrainConfig)."""
-  d = cfg.data
-  if cfg.model.kind == "hat":
-    return lambda segs: hat_sequences(segs, max_units=d.max_units, num_rows=d.num_rows,
-                                      row_len=d.row_len, overflow=d.overflow)
-  if tokenizer is None:
-    raise ValueError(f"model.kind={cfg.model.kind!r} needs a tokenizer")
-  return lambda segs: token_sequences(segs, tokenizer, max_tokens=d.max_tokens,
-                                      overflow=d.overflow)
 
 
 def _doc_segments(doc: bytes, splitter) -> list[Segment]:

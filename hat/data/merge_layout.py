@@ -16,24 +16,12 @@ overflow policy: see `hat.models.merge_hat`.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from hat.data.layout import Segment, stack, token_sequences
 from hat.text.tokenizers import ByteTokenizer
-
-
-def is_merge(cfg) -> bool:
-  """Whether `cfg` (a TrainConfig) asks for the merge-gated HAT and hence this layout."""
-  return cfg.model.kind == "hat" and cfg.model.gate.kind == "merge"
-
-
-def merge_layout_fn(cfg) -> Callable[[Sequence[Segment]], list]:
-  """The window -> sequences function of the merge-gated HAT."""
-  tok, d = ByteTokenizer(), cfg.data
-  return lambda segs: token_sequences(segs, tok, max_tokens=d.max_tokens,
-                                      overflow=d.overflow)
 
 
 def merge_batch_from_texts(docs: Sequence[bytes], *, max_tokens: int = 128,

@@ -25,8 +25,8 @@ import grain
 import numpy as np
 
 from hat.data import layout as layout_lib
-from hat.data import merge_layout
 from hat.data import sources as sources_lib
+from hat.family import family_of
 from hat.data.windows import FlatMapIterDataset, WindowIterDataset
 from hat.text import codec
 from hat.text.splitter import Splitter
@@ -56,23 +56,13 @@ def _local_batch_size(cfg, process_count: int) -> int:
 
 
 def default_tokenizer(cfg):
-  """The tokenizer a token model needs (None for HAT)."""
-  from hat.text.tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
-
-  if cfg.model.kind == "bpe":
-    return load_tokenizer("bpe", cfg.data.tokenizer)
-  if cfg.model.kind == "byte":
-    return load_tokenizer("byte")
-  return None
+  """The tokenizer the run's family needs (None for word-level HAT)."""
+  return family_of(cfg).load_tokenizer(cfg)
 
 
 def make_layout(cfg, tokenizer=None) -> Callable[[Sequence[layout_lib.Segment]], list[Batch]]:
-  """The window -> sequences function of `cfg.model.kind`."""
-  if merge_layout.is_merge(cfg):  # splitter-free merge-gated HAT: the byte stream
-    return merge_layout.merge_layout_fn(cfg)
-  if tokenizer is None:
-    tokenizer = default_tokenizer(cfg)
-  return layout_lib.layout_fn(cfg, tokenizer)
+  """The window -> sequences function of the run's family."""
+  return family_of(cfg).layout_fn(cfg, tokenizer)
 
 
 def _splitter(cfg) -> Splitter:

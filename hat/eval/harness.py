@@ -32,7 +32,7 @@ class HarnessLM(LM):
   @classmethod
   def from_workdir(cls, workdir: str, **kwargs) -> "HarnessLM":
     """Loads the latest checkpoint of a training run."""
-    from hat.train.checkpoint import load_for_inference
+    from hat.rundir import load_for_inference
     model, cfg, tokenizer = load_for_inference(workdir)
     return cls(model, cfg, tokenizer, **kwargs)
 

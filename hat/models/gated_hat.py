@@ -28,6 +28,7 @@ from hat.models import gates
 from hat.models.hat_model import HAT
 from hat.models.layers import Block, TransformerStack, rope
 from hat.sharding import constrain
+from hat.text.codec import BYTE_VOCAB_SIZE
 
 
 def default_capacity(model_cfg: ModelConfig, max_units: int) -> int:
@@ -108,8 +109,9 @@ def hard_upper(stack: TransformerStack, x_BxWxD, segment_BxW, pos_BxW, keep_BxW,
 class GatedHAT(HAT):
   """HAT whose backbone has a MrT5 delete gate after `gate.layer` blocks."""
 
-  def __init__(self, cfg: ModelConfig, *, row_len: int | None = None, rngs: nnx.Rngs):
-    super().__init__(cfg, row_len=row_len, rngs=rngs)
+  def __init__(self, cfg: ModelConfig, *, vocab_size: int = BYTE_VOCAB_SIZE,
+               row_len: int | None = None, rngs: nnx.Rngs):
+    super().__init__(cfg, vocab_size=vocab_size, row_len=row_len, rngs=rngs)
     del self.backbone  # replaced by the two halves around the gate
     g, bb = cfg.gate, cfg.backbone
     stack = dict(attention_impl=cfg.attention_impl, compute_dtype=cfg.compute_dtype,

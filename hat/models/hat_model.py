@@ -48,7 +48,11 @@ def build_byte_hierarchy(module: nnx.Module, cfg: ModelConfig, *, encoder_causal
 class HAT(nnx.Module):
   """Encoder (bidirectional, per word) -> causal backbone (per word) -> decoder (per word)."""
 
-  def __init__(self, cfg: ModelConfig, *, row_len: int | None = None, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, vocab_size: int = BYTE_VOCAB_SIZE,
+               row_len: int | None = None, rngs: nnx.Rngs):
+    if vocab_size != BYTE_VOCAB_SIZE:
+      raise ValueError(f"HAT predicts the {BYTE_VOCAB_SIZE} byte symbols, got vocab_size="
+                       f"{vocab_size}")
     self.cfg = cfg
     self.compute_dtype = to_dtype(cfg.compute_dtype)
     # S = R·C is all the batch shapes say; the row length C must come from the data config.

@@ -36,7 +36,7 @@ from hat.models.gated_hat import empty_caches, step_stack
 from hat.models.hat_model import build_byte_hierarchy
 from hat.models.layers import embed_lookup, to_dtype
 from hat.sharding import constrain
-from hat.text.codec import PAD_ID, S_ID, W_ID
+from hat.text.codec import BYTE_VOCAB_SIZE, PAD_ID, S_ID, W_ID
 
 
 def merge_capacity(model_cfg: ModelConfig, positions: int) -> int:
@@ -67,7 +67,12 @@ def chunk_boundaries(p_BxT, segment_BxT, pos_BxT, max_chunk: int):
 class MergeHAT(nnx.Module):
   """Causal byte encoder -> boundary gate -> chunk backbone -> span-local byte decoder."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, vocab_size: int = BYTE_VOCAB_SIZE,
+               row_len: int | None = None, rngs: nnx.Rngs):
+    del row_len  # the byte stream has no rows
+    if vocab_size != BYTE_VOCAB_SIZE:
+      raise ValueError(f"the merge HAT predicts the {BYTE_VOCAB_SIZE} byte symbols, got "
+                       f"vocab_size={vocab_size}")
     self.cfg, self.compute_dtype = cfg, to_dtype(cfg.compute_dtype)
     self.max_chunk = cfg.gate.max_chunk_bytes
     # The same modules as HAT, but the byte encoder is causal: the gate may only look left.

@@ -18,7 +18,9 @@ from hat.sharding import constrain
 class TokenLM(nnx.Module):
   """Token embedding -> causal TransformerStack -> untied LM head."""
 
-  def __init__(self, cfg: ModelConfig, *, vocab_size: int, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, vocab_size: int, row_len: int | None = None,
+               rngs: nnx.Rngs):
+    del row_len  # token layouts have no rows
     bb, pd = cfg.backbone, to_dtype(cfg.param_dtype)
     self.cfg, self.vocab_size = cfg, vocab_size
     self.compute_dtype = to_dtype(cfg.compute_dtype)

@@ -52,7 +52,7 @@ def time_model(kind: str, overrides: list[str], steps: int,
   cfg = resolve(str(ROOT / CONFIGS[kind]), overrides)
   mesh = make_run_mesh(cfg)
   tokenizer = pipeline.default_tokenizer(cfg)
-  vocab = model_vocab_size(cfg.model, tokenizer)
+  vocab = model_vocab_size(cfg, tokenizer)
   spec = state_spec(cfg, vocab, mesh)
   state = init_state(cfg, vocab, mesh, spec)
   it = pipeline.make_train_iterator(cfg, tokenizer)

@@ -1,16 +1,12 @@
 """Checkpoints of a run with orbax: model, optimizer, data-iterator state and run metadata.
 
-Layout of a workdir:
-
-  <workdir>/config.json          the resolved config (written once at start)
-  <workdir>/tokenizer.model      the SentencePiece model, for BPE runs
-  <workdir>/checkpoints/<step>/  model/ optimizer/ data/ run/ (orbax items)
+The workdir layout and reading a run for inference are in `hat.rundir`.
 
 `model` and `optimizer` are pure-dict pytrees of arrays; restoring them onto abstract
 arrays that carry the *new* run's shardings reshards, so a checkpoint written on one
 mesh restores on any other. `data` holds one grain iterator state per process. `run`
 is JSON with the config and the tokenizer model, so a checkpoint directory alone is
-enough to rebuild the model (`load_for_inference`, `init_from`).
+enough to rebuild the model (`hat.rundir.load_for_inference`, `init_from`).
 """
 
 from __future__ import annotations
@@ -27,13 +23,13 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from hat.config import TrainConfig, from_config_dict, to_dict
+from hat.config import TrainConfig, to_dict
+from hat.rundir import (CHECKPOINTS, TOKENIZER_FILE, find_checkpoint, read_run,  # noqa: F401
+                        restore_model_pure, tokenizer_from_run, write_run_files)
 from hat.train.state import MODEL, OPTIM, StateSpec
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-TOKENIZER_FILE = "tokenizer.model"
 
 
 class _FrozenIteratorState:
@@ -181,19 +177,6 @@ def restore_data_state(step_dir: pathlib.Path, data_iterator: Any, *,
   return True
 
 
-def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
-  """A workdir, its checkpoints/ folder, or one step folder -> that (or the latest) step folder."""
-  path = pathlib.Path(path).absolute()
-  if (path / "model").is_dir():
-    return path
-  if (path / CHECKPOINTS).is_dir():
-    path = path / CHECKPOINTS
-  steps = sorted((int(p.name) for p in path.glob("*") if p.name.isdigit()
-                  and (p / "model").is_dir()), reverse=True)
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint under {path}")
-  return path / str(steps[0])
-
 
 def restore_pure(step_dir: str | pathlib.Path, spec: StateSpec, *,
                  with_optimizer: bool) -> dict:
@@ -235,49 +218,5 @@ def restart_schedule(optimizer_pure: dict) -> dict:
   return out
 
 
-def read_run(step_dir: str | pathlib.Path) -> dict:
-  """The `run` JSON of a step folder (config, tokenizer model, step)."""
-  return json.loads((pathlib.Path(step_dir) / "run" / "metadata").read_text())
 
 
-def write_run_files(workdir: str | pathlib.Path, cfg: TrainConfig, tokenizer: Any) -> None:
-  """config.json (and tokenizer.model) in the workdir; call on process 0 only."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-  proto = getattr(tokenizer, "model_proto", b"") or b""
-  if proto:
-    (workdir / TOKENIZER_FILE).write_bytes(proto)
-
-
-def tokenizer_from_run(run: dict, cfg: TrainConfig, where: pathlib.Path) -> Any:
-  """The run's tokenizer: from its stored model for BPE, the byte tokenizer for byte LMs."""
-  from hat.text.tokenizers import load_tokenizer  # pylint: disable=g-import-not-at-top
-
-  if cfg.model.kind == "byte":
-    return load_tokenizer("byte")
-  if cfg.model.kind != "bpe":
-    return None
-  path = where / TOKENIZER_FILE
-  if not path.exists() and run.get("tokenizer_model"):
-    # A checkpoint copied away from its workdir still carries its tokenizer.
-    from hat.text.bpe import BPETokenizer  # pylint: disable=g-import-not-at-top
-
-    return BPETokenizer.from_bytes(base64.b64decode(run["tokenizer_model"]))
-  return load_tokenizer("bpe", str(path if path.exists() else cfg.data.tokenizer))
-
-
-def load_for_inference(path: str | pathlib.Path, mesh_spec: str = "data=-1"):
-  """(model, cfg, tokenizer) from a workdir or checkpoint folder, on the local devices."""
-  from hat.models import model_vocab_size  # pylint: disable=g-import-not-at-top
-  from hat.sharding import make_mesh  # pylint: disable=g-import-not-at-top
-  from hat.train.state import model_from_state, state_spec  # pylint: disable=g-import-not-at-top
-
-  step_dir = find_checkpoint(path)
-  run = read_run(step_dir)
-  cfg = from_config_dict(run["config"])
-  tokenizer = tokenizer_from_run(run, cfg, step_dir.parent.parent)
-  mesh = make_mesh(mesh_spec, jax.local_devices())
-  spec = state_spec(cfg, model_vocab_size(cfg.model, tokenizer), mesh)
-  state = restore_state(step_dir, spec, with_optimizer=False)
-  return model_from_state(spec, state), cfg, tokenizer

@@ -155,7 +155,7 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
   stop = stop or StopFlag()
   mesh = make_run_mesh(cfg)
   tokenizer = pipeline.default_tokenizer(cfg)
-  vocab_size = model_vocab_size(cfg.model, tokenizer)
+  vocab_size = model_vocab_size(cfg, tokenizer)
   if primary:
     ckpt_lib.write_run_files(workdir, cfg, tokenizer)
   spec = state_spec(cfg, vocab_size, mesh)

@@ -36,8 +36,7 @@ class StateSpec:
 
 
 def _build(cfg: TrainConfig, vocab_size: int, seed: int) -> tuple[nnx.Module, nnx.Optimizer]:
-  model = build_model(cfg.model, vocab_size=vocab_size, rngs=nnx.Rngs(seed),
-                      row_len=cfg.data.row_len)
+  model = build_model(cfg, vocab_size=vocab_size, rngs=nnx.Rngs(seed))
   return model, nnx.Optimizer(model, make_optimizer(cfg), wrt=nnx.Param)
 
 
