@@ -130,7 +130,7 @@ def _forward_fn(model: nnx.Module):
 
   @jax.jit
   def forward(state, batch):
-    return nnx.merge(graphdef, state)(batch)
+    return nnx.merge(graphdef, state)(batch)[0]
 
   return lambda batch: forward(state, {k: jnp.asarray(v) for k, v in batch.items()})
 

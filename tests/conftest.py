@@ -48,7 +48,7 @@ def tiny_config():
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, batch):
-  return nnx.merge(graphdef, state)(batch)
+  return nnx.merge(graphdef, state)(batch)[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -57,7 +57,7 @@ def _loss(graphdef, state, batch, z_loss):
 
 
 def forward(model, batch):
-  """Jitted model(batch): tests compile once instead of dispatching op by op."""
+  """Jitted model(batch) logits: tests compile once instead of dispatching op by op."""
   return _forward(*nnx.split(model), batch)
 
 

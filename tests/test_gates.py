@@ -32,7 +32,7 @@ def _model(layer=1, seed=0, **gate):
 @jax.jit
 def _both(state, graphdef, batch):
   m = nnx.merge(graphdef, state)
-  return m.forward_with_aux(batch), m.forward_with_aux(batch, hard=True)
+  return m(batch), m(batch, hard=True)
 
 
 def _saturate(model):
@@ -71,7 +71,7 @@ def test_soft_and_hard_deletion_agree_when_gates_saturate():
 def test_hard_deletion_overflow_is_counted():
   model = _model(capacity=2)
   model.gate.b[...] = jnp.full((), 50.0)  # nothing deleted: every word wants a K/V entry
-  _, aux = model.forward_with_aux(_batch(), hard=True)
+  _, aux = model(_batch(), hard=True)
   real = np.asarray(_batch()["unit_segment_BxW"]) > 0
   assert float(aux["kv_overflow"]) == real.sum() - 2 * real.shape[0]
 
@@ -162,7 +162,7 @@ def test_detached_gate_input_keeps_the_regulariser_out_of_the_lower_layers():
     graphdef, state = nnx.split(model)
 
     def gate_loss(state):
-      return nnx.merge(graphdef, state).forward_with_aux(batch)[1]["gate_loss"]
+      return nnx.merge(graphdef, state)(batch)[1]["gate_loss"]
 
     grads = jax.grad(gate_loss)(state)
     lower = sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(grads["backbone_lower"]))

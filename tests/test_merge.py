@@ -29,7 +29,7 @@ def _batch(docs=DOCS, max_tokens=64):
 
 @jax.jit
 def _fwd(state, graphdef, batch):
-  return nnx.merge(graphdef, state).forward_with_aux(batch, with_boundaries=True)
+  return nnx.merge(graphdef, state)(batch, with_boundaries=True)
 
 
 def test_boundaries_bos_forced_and_max_chunk():
@@ -61,7 +61,7 @@ def test_forward_metrics_and_loss():
 
 def test_capacity_overflow_is_counted():
   model = _model(capacity=4)
-  _, aux = model.forward_with_aux(_batch(), with_boundaries=True)
+  _, aux = model(_batch(), with_boundaries=True)
   ends = np.asarray(aux["boundary_BxT"]).sum(1)
   assert float(aux["chunk_overflow"]) == np.maximum(ends - 4, 0).sum() > 0
 

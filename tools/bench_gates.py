@@ -103,7 +103,7 @@ def _hard_eval_fn(model):
   @jax.jit
   def run(batch):
     m = nnx.merge(graphdef, state)
-    logits, aux = m.forward_with_aux(batch, hard=True)
+    logits, aux = m(batch, hard=True)
     lse = jax.nn.logsumexp(logits, -1)
     tgt = jnp.take_along_axis(logits, batch["targets_BxS"][..., None], -1)[..., 0]
     nll = jnp.sum((lse - tgt) * batch["target_mask_BxS"])

@@ -23,7 +23,7 @@ def make_eval_step(model: nnx.Module) -> Callable[[dict], dict]:
 
   @jax.jit
   def step(state, batch):
-    return metrics_from_logits(nnx.merge(graphdef, state)(batch), batch)
+    return metrics_from_logits(nnx.merge(graphdef, state)(batch)[0], batch)
 
   return lambda batch: step(state, batch)
 

@@ -60,7 +60,7 @@ class Scorer:
 
     @jax.jit
     def forward(state, batch):
-      return nnx.merge(graphdef, state)(batch)
+      return nnx.merge(graphdef, state)(batch)[0]
 
     self._forward = lambda b: forward(state, {k: jnp.asarray(v) for k, v in b.items()})
     if cfg.model.kind == "hat":

@@ -6,7 +6,7 @@ next word; what deletion removes is the word's key/value entry in the upper laye
 
 - Soft deletion (training, `__call__`): G is added to the upper layers' attention logits
   on the key axis, except on the diagonal (a word always attends to itself).
-- Hard deletion (`forward_with_aux(batch, hard=True)`): words with G < k/2 get no K/V.
+- Hard deletion (`model(batch, hard=True)`): words with G < k/2 get no K/V.
   The upper layers' K/V are compacted to a fixed capacity M per sequence (the first M
   kept words, in order); kept words beyond M are dropped and counted (`kv_overflow`).
 - Generation (`CachedBackbone`): one word per step; the lower layers append every
@@ -156,8 +156,7 @@ class GatedHAT(HAT):
     """Soft-deletion backbone -> predictive embeddings p_BxWxd."""
     return self.backbone_with_aux(words_BxWxD, unit_segment_BxW, unit_pos_BxW)[0]
 
-  def forward_with_aux(self, batch: dict, *, hard: bool = False,
-                       row_len: int | None = None):
+  def __call__(self, batch: dict, *, hard: bool = False, row_len: int | None = None):
     """Teacher-forced forward -> (logits_BxSxV, gate aux); `gate_loss` = mean G."""
     row_len = row_len or self.row_len
     words_BxWxD = self.encode(batch, row_len)

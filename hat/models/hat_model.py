@@ -119,15 +119,15 @@ class HAT(nnx.Module):
                               preferred_element_type=jnp.float32)
     return constrain(logits_BxSxV, ("batch", "slots", "vocab"))
 
-  def __call__(self, batch: dict, *, row_len: int | None = None) -> jax.Array:
-    """Teacher-forced forward over a HAT batch -> logits_BxSxV (fp32)."""
+  def __call__(self, batch: dict, *, row_len: int | None = None) -> tuple[jax.Array, dict]:
+    """Teacher-forced forward over a HAT batch -> (fp32 logits_BxSxV, aux = {})."""
     row_len = row_len or self.row_len
     if not row_len:
       raise ValueError("HAT needs the packed row length: build it with row_len=data.row_len")
     words_BxWxD = self.encode(batch, row_len)
     p_BxWxd = self.backbone_forward(words_BxWxD, batch["unit_segment_BxW"],
                                     batch["unit_pos_BxW"])
-    return self.decode(self.decoder_inputs(p_BxWxd, batch), batch, row_len)
+    return self.decode(self.decoder_inputs(p_BxWxd, batch), batch, row_len), {}
 
   # ------------------------------------------------------------------ incremental use
 

@@ -65,20 +65,17 @@ def loss_and_metrics(model: Callable[[dict], jax.Array], batch: dict, *,
                      gate_alpha: Any = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean NLL over counted targets (+ z_loss * mean logsumexp^2) and summed metrics.
 
-  A gated model (one with `forward_with_aux`) adds `gate_alpha * gate_loss` (a traced
-  scalar set by the host-side controller) and its summed gate statistics to the metrics.
+  Every model returns `(logits, aux)`. A gated model's aux holds `gate_loss`, added as
+  `gate_alpha * gate_loss` (a traced scalar set by the host-side controller), an
+  optional fixed-weight `gate_fixed_loss`, and summed gate statistics for the metrics.
   """
-  aux = None
-  if hasattr(model, "forward_with_aux"):
-    logits, aux = model.forward_with_aux(batch)
-  else:
-    logits = model(batch)
+  logits, aux = model(batch)
   metrics = metrics_from_logits(logits, batch)
   denom = jnp.maximum(metrics["num_targets"], 1.0)
   loss = metrics["nll_sum"] / denom
   if z_loss:
     loss = loss + z_loss * metrics["z_loss_sum"] / denom
-  if aux is not None:
+  if "gate_loss" in aux:
     loss = loss + gate_alpha * aux["gate_loss"] + aux.get("gate_fixed_loss", 0.0)
     metrics.update({k: v for k, v in aux.items() if k not in ("gate_loss", "gate_fixed_loss")})
   return loss, metrics

@@ -97,7 +97,7 @@ class MergeHAT(nnx.Module):
     return jnp.einsum("btd,dv->btv", h_BxTxd.astype(cd), self.head[...].astype(cd),
                       preferred_element_type=jnp.float32)
 
-  def forward_with_aux(self, batch: dict, *, with_boundaries: bool = False):
+  def __call__(self, batch: dict, *, with_boundaries: bool = False):
     """Teacher-forced forward -> (logits_BxTxV fp32, aux: summed gate statistics + losses).
 
     `with_boundaries` adds the chunk-end flags `boundary_BxT` to aux (for tests/tools).
@@ -156,10 +156,6 @@ class MergeHAT(nnx.Module):
     if with_boundaries:
       aux["boundary_BxT"] = end_BxT
     return logits_BxTxV, aux
-
-  def __call__(self, batch: dict) -> jax.Array:
-    """Teacher-forced forward -> logits_BxTxV (fp32)."""
-    return self.forward_with_aux(batch)[0]
 
 
 class MergeGenerator:

@@ -45,10 +45,10 @@ class TokenLM(nnx.Module):
                               preferred_element_type=jnp.float32)
     return constrain(logits_BxTxV, ("batch", "length", "vocab"))
 
-  def __call__(self, batch: dict) -> jax.Array:
-    """Teacher-forced forward over a token batch -> logits_BxTxV (fp32)."""
+  def __call__(self, batch: dict) -> tuple[jax.Array, dict]:
+    """Teacher-forced forward over a token batch -> (fp32 logits_BxTxV, aux = {})."""
     h_BxTxD = self.hidden(batch["tokens_BxT"], batch["segment_BxT"], batch["pos_BxT"])
-    return self.logits(h_BxTxD)
+    return self.logits(h_BxTxD), {}
 
   def init_cache(self, batch: int, capacity: int) -> dict:
     """Empty backbone KV cache holding `capacity` positions per row."""
