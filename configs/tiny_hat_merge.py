@@ -12,8 +12,8 @@ def get_config():
   included), so the backbone sees about as many positions as tiny_hat's.
   """
   c = load_config_file(pathlib.Path(__file__).with_name("tiny_hat.py"))
-  c.model.gate.update(kind="merge", target_bytes_per_chunk=5.5, max_chunk_bytes=31,
-                      controller="ratio", ratio_loss_weight=0.03, capacity=128)
+  c.model.gate.update(kind="merge", controller="ratio")
+  c.model.gate.merge.update(target_bytes_per_chunk=5.5, max_chunk_bytes=31,
+                            ratio_loss_weight=0.03, capacity=128)
   c.data.max_tokens = 544  # 512 bytes + [S] of up to 32 segments (as tiny_byte)
-  c.sample_bytes = 0  # the word-level sampler does not apply; see MergeGenerator
   return c

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import pathlib
 import types
 import typing
@@ -37,40 +38,57 @@ class TransformerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class GateConfig:
-  """Dynamic gates (MrT5-style): word deletion in the backbone, or learned byte chunks.
+class DeleteGateConfig:
+  """MrT5 delete gate in the word backbone (family `hat_delete`).
 
-  `delete`: a gate after backbone layer `layer` scores every word; training adds the
-  score to later layers' attention logits (soft deletion), inference drops the K/V of
-  words scoring below k/2 (hard deletion, at most `capacity` kept words per sequence).
-  `merge`: no splitter; a causal byte encoder and a boundary gate cut the byte stream
-  into chunks that become the backbone's positions (at most `capacity` per sequence).
+  A gate after backbone layer `layer` scores every word; training adds the score to
+  later layers' attention logits (soft deletion), inference drops the K/V of words
+  scoring below k/2 (hard deletion, at most `capacity` kept words per sequence).
   """
 
+  layer: int = 1  # the gate sits after this many backbone layers (0 = on the word inputs)
+  k: float = -30.0  # gate range (k, 0); a word is deleted when G < k/2
+  bias_init: float = 1.0  # initial gate bias (G = k*sigmoid(-(w.h + b)))
+  target_ratio: float = 0.5  # target deletion ratio delta
+  # alpha may go negative (the regulariser then rewards keeping words). MrT5 clamps
+  # alpha at 0, but a deleted word gets no language-model gradient (nobody attends to
+  # it), so a clamped controller cannot undo an overshoot; see hat/models/gates.
+  two_sided: bool = True
+  # The gate reads stop_gradient(h), so its regulariser cannot reshape the word states
+  # below it (with gradient, every word is deleted within ~10 steps at the tiny config:
+  # the lower layers shift all scores at once).
+  detach_input: bool = True
+  # The gate's own parameters train with plain SGD at lr = sgd_lr / d_model, so alpha's
+  # size sets how hard the regulariser pulls (AdamW moves each parameter by ~lr whatever
+  # alpha is, which makes the controller bang-bang). 0 = train with AdamW.
+  sgd_lr: float = 0.04
+  capacity: int = 0  # kept words per sequence; 0 = (1-delta)*max_units*1.25, set at validation
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeGateConfig:
+  """Learned byte chunks instead of words (family `hat_merge`, no splitter).
+
+  A causal byte encoder and a boundary gate cut the byte stream into chunks that become
+  the backbone's positions (at most `capacity` per sequence).
+  """
+
+  target_bytes_per_chunk: float = 5.0  # target mean chunk length in bytes
+  max_chunk_bytes: int = 31  # a chunk is cut after this many bytes (online too)
+  ratio_loss_weight: float = 0.03  # controller=ratio: fixed loss weight
+  capacity: int = 0  # chunks per sequence; 0 = 1.25*max_tokens/target, set at validation
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+  """Dynamic gates (MrT5-style): `kind` picks the gate, its own section configures it."""
+
   kind: str = "none"  # none | delete | merge
-  layer: int = 1  # delete: the gate sits after this many backbone layers
-  k: float = -30.0  # delete: gate range (k, 0); a word is deleted when G < k/2
-  bias_init: float = 1.0  # delete: initial gate bias (G = k*sigmoid(-(w.h + b)))
-  target_ratio: float = 0.5  # delete: target deletion ratio delta
-  controller: str = "pi"  # pi (MrT5 PI controller on alpha) | ratio (H-Net ratio loss)
+  controller: str = "pi"  # pi (MrT5 PI controller on alpha) | ratio (H-Net ratio loss; merge)
   kp: float = 0.5  # PI controller gains
   ki: float = 1e-5
-  # delete: alpha may go negative (the regulariser then rewards keeping words). MrT5
-  # clamps alpha at 0, but a deleted word gets no language-model gradient (nobody
-  # attends to it), so a clamped controller cannot undo an overshoot; see hat/models/gates.
-  two_sided: bool = True
-  # delete: the gate reads stop_gradient(h), so its regulariser cannot reshape the word
-  # states below it (with gradient, every word is deleted within ~10 steps at the tiny
-  # config: the lower layers shift all scores at once).
-  detach_input: bool = True
-  # delete: the gate's own parameters train with plain SGD at lr = sgd_lr / d_model, so
-  # alpha's size sets how hard the regulariser pulls (AdamW moves each parameter by ~lr
-  # whatever alpha is, which makes the controller bang-bang). 0 = train with AdamW.
-  sgd_lr: float = 0.04
-  ratio_loss_weight: float = 0.03  # merge with controller=ratio: fixed loss weight
-  target_bytes_per_chunk: float = 5.0  # merge: target mean chunk length in bytes
-  max_chunk_bytes: int = 31  # merge: a chunk is cut after this many bytes (online too)
-  capacity: int = 0  # delete: kept words per sequence; merge: chunks; 0 = derived
+  delete: DeleteGateConfig = DeleteGateConfig()
+  merge: MergeGateConfig = MergeGateConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,48 +253,57 @@ def _validate_stack(t: TransformerConfig, key: str) -> None:
   _check(t.head_dim % 2 == 0, f"{key}.head_dim", "must be even for rotary embeddings")
 
 
-def _validate_gate(cfg: TrainConfig) -> None:
-  g, bb = cfg.model.gate, cfg.model.backbone
-  if g.kind == "none":
-    return
-  _check(cfg.model.kind == "hat", "model.gate.kind",
-         f"gates need model.kind='hat', got {cfg.model.kind!r}")
-  _check(g.k < 0, "model.gate.k", f"must be negative, got {g.k}")
+def delete_capacity(g: DeleteGateConfig, max_units: int) -> int:
+  """Kept words per sequence: the config's, else (1-delta)*W*1.25 rounded up to 8."""
+  if g.capacity:
+    return g.capacity
+  return min(max_units, int(math.ceil((1.0 - g.target_ratio) * max_units * 1.25 / 8)) * 8)
+
+
+def merge_capacity(g: MergeGateConfig, positions: int) -> int:
+  """Chunks per sequence: the config's, else 1.25*T/target rounded up to 8."""
+  if g.capacity:
+    return g.capacity
+  return min(positions, int(math.ceil(1.25 * positions / g.target_bytes_per_chunk / 8)) * 8)
+
+
+def _validate_gate(cfg: TrainConfig, gate: str) -> TrainConfig:
+  """Checks the section of the family's gate; resolves its derived capacity."""
+  g, bb, d = cfg.model.gate, cfg.model.backbone, cfg.data
   _check(g.kp >= 0 and g.ki >= 0, "model.gate.kp", "controller gains must be >= 0")
-  _check(g.capacity >= 0, "model.gate.capacity", "must be >= 0 (0 = derived)")
-  if g.kind == "delete":
-    _check(1 <= g.layer < bb.num_layers, "model.gate.layer",
-           f"must be in [1, model.backbone.num_layers={bb.num_layers}), got {g.layer}")
-    _check(0.0 <= g.target_ratio < 1.0, "model.gate.target_ratio", "must be in [0, 1)")
+  if gate == "delete":
+    dg = g.delete
+    _check(dg.k < 0, "model.gate.delete.k", f"must be negative, got {dg.k}")
+    _check(0 <= dg.layer < bb.num_layers, "model.gate.delete.layer",
+           f"must be in [0, model.backbone.num_layers={bb.num_layers}), got {dg.layer}")
+    _check(0.0 <= dg.target_ratio < 1.0, "model.gate.delete.target_ratio", "must be in [0, 1)")
     _check(g.controller == "pi", "model.gate.controller", "the delete gate uses 'pi'")
-    _check(g.sgd_lr >= 0, "model.gate.sgd_lr", f"must be >= 0, got {g.sgd_lr}")
-  if g.kind == "merge":
-    _check(g.target_bytes_per_chunk >= 1.0, "model.gate.target_bytes_per_chunk",
+    _check(dg.sgd_lr >= 0, "model.gate.delete.sgd_lr", f"must be >= 0, got {dg.sgd_lr}")
+    _check(dg.capacity >= 0, "model.gate.delete.capacity", "must be >= 0 (0 = derived)")
+    dg = dataclasses.replace(dg, capacity=delete_capacity(dg, d.max_units))
+    g = dataclasses.replace(g, delete=dg)
+  if gate == "merge":
+    mg = g.merge
+    _check(mg.target_bytes_per_chunk >= 1.0, "model.gate.merge.target_bytes_per_chunk",
            "must be >= 1")
-    _check(g.max_chunk_bytes >= 2, "model.gate.max_chunk_bytes", "must be >= 2")
-    _check(g.ratio_loss_weight >= 0, "model.gate.ratio_loss_weight", "must be >= 0")
+    _check(mg.max_chunk_bytes >= 2, "model.gate.merge.max_chunk_bytes", "must be >= 2")
+    _check(mg.ratio_loss_weight >= 0, "model.gate.merge.ratio_loss_weight", "must be >= 0")
+    _check(mg.capacity >= 0, "model.gate.merge.capacity", "must be >= 0 (0 = derived)")
+    mg = dataclasses.replace(mg, capacity=merge_capacity(mg, d.max_tokens))
+    g = dataclasses.replace(g, merge=mg)
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gate=g))
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-  """Checks choices and cross-field consistency; returns cfg or raises ConfigError."""
-  flat = {"model": cfg.model, "data": cfg.data, "model.gate": cfg.model.gate}
-  for key, choices in _CHOICES.items():
-    section, name = key.rsplit(".", 1)
-    value = getattr(flat[section], name)
-    _check(value in choices, key, f"must be one of {choices}, got {value!r}")
+def _validate_layout(cfg: TrainConfig, family) -> None:
+  """Checks the stacks and data capacities that the family's layout uses."""
   m, d = cfg.model, cfg.data
-  _validate_stack(m.backbone, "model.backbone")
-  _validate_gate(cfg)
-  if m.kind == "hat" and m.gate.kind == "merge":
-    _validate_stack(m.encoder, "model.encoder")
-    _validate_stack(m.decoder, "model.decoder")
-    _check(d.max_tokens >= 2, "data.max_tokens", "must be >= 2 (byte-stream positions)")
-  elif m.kind == "hat":
+  if family.hierarchical:
     _validate_stack(m.encoder, "model.encoder")
     _validate_stack(m.decoder, "model.decoder")
     if m.tie_byte_embeddings:
       _check(m.encoder.d_model == m.decoder.d_model, "model.tie_byte_embeddings",
              "needs model.encoder.d_model == model.decoder.d_model")
+  if family.words:
     _check(d.max_word_bytes >= 4, "data.max_word_bytes",
            "must be >= 4 so that any UTF-8 character fits in one piece")
     _check(d.row_len >= d.max_word_bytes + 1, "data.row_len",
@@ -285,11 +312,31 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(d.num_rows >= 2 or d.row_len >= d.max_word_bytes + 2, "data.num_rows",
            "one row must hold a START unit and the longest word: use >= 2 rows or "
            "row_len >= max_word_bytes + 2")
-  if m.kind == "bpe":
+  else:
+    _check(d.max_tokens >= 2, "data.max_tokens", "must be >= 2")
+  if family.tokenizer == "bpe":
     _check(bool(d.tokenizer) or m.vocab_size > 0, "data.tokenizer",
            "a BPE model needs a SentencePiece model path (tools/train_tokenizer.py)")
-  if m.kind in ("bpe", "byte"):
-    _check(d.max_tokens >= 2, "data.max_tokens", "must be >= 2")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+  """Checks choices and cross-field consistency; returns cfg with derived settings resolved.
+
+  Raises ConfigError naming the key. Derived settings (gate capacities) are filled in
+  here, once, so every later reader sees the values the run really uses.
+  """
+  from hat.family import family_of  # pylint: disable=g-import-not-at-top  (family needs config)
+
+  flat = {"model": cfg.model, "data": cfg.data, "model.gate": cfg.model.gate}
+  for key, choices in _CHOICES.items():
+    section, name = key.rsplit(".", 1)
+    value = getattr(flat[section], name)
+    _check(value in choices, key, f"must be one of {choices}, got {value!r}")
+  m, d = cfg.model, cfg.data
+  _validate_stack(m.backbone, "model.backbone")
+  family = family_of(cfg)
+  cfg = _validate_gate(cfg, family.gate)
+  _validate_layout(cfg, family)
   _check(d.window_bytes >= d.max_word_bytes, "data.window_bytes",
          f"must be >= data.max_word_bytes={d.max_word_bytes} so every word fits a window")
   _check(d.batch_size >= 1, "data.batch_size", "must be positive")

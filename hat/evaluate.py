@@ -15,6 +15,7 @@ import pathlib
 import sys
 
 from hat.eval.evaluate import evaluate_sets
+from hat.family import family_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     wa = f"{r['word_acc']:.4f}" if "word_acc" in r else "-"
     print(f"{name:<16} {r['bpb']:>8.4f} {r['nll']:>8.4f} {wa:>9} {int(r['bytes']):>12}")
   out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "eval.json")
-  out.write_text(json.dumps({"workdir": args.workdir, "kind": cfg.model.kind,
+  out.write_text(json.dumps({"workdir": args.workdir, "family": family_of(cfg).name,
                              "results": results}, indent=2))
   print(f"wrote {out}")
   return 0

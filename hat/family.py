@@ -22,7 +22,7 @@ import dataclasses
 import importlib
 from typing import Any
 
-from hat.config import ModelConfig, TrainConfig
+from hat.config import ConfigError, ModelConfig, TrainConfig
 
 BYTE_VOCAB_SIZE = 259  # 256 bytes + [W], [S], [PAD] (hat.text.codec)
 
@@ -55,6 +55,7 @@ class Family:
   gate: str
   sampler: str | None  # cached sampler "module:Class"(model, cfg, tokenizer)
   reference_sampler: str | None  # uncached oracle, same interface
+  controller: str | None = None  # "module:function"(gate_cfg) -> host-side gate controller
 
   # ------------------------------------------------------------------ properties
 
@@ -143,6 +144,10 @@ class Family:
 
     return params.count_params(_model_cfg(cfg), vocab_size)
 
+  def make_controller(self, cfg: TrainConfig) -> Any:
+    """The host-side controller of the gate's regulariser weight alpha, or None."""
+    return _load(self.controller)(cfg.model.gate) if self.controller else None
+
   # ------------------------------------------------------------------ inference
 
   def make_sampler(self, model: Any, cfg: TrainConfig, tokenizer: Any = None, *,
@@ -166,11 +171,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("hat_delete", "HAT with a MrT5 delete gate in the word backbone",
            model="hat.models.gated_hat:GatedHAT", layout="hat_rows", tokenizer=None,
            gate="delete", sampler="hat.generate:HATSampler",
-           reference_sampler="hat.sampling:ReferenceHATSampler"),
+           reference_sampler="hat.sampling:ReferenceHATSampler",
+           controller="hat.models.gates:delete_controller"),
     Family("hat_merge", "splitter-free HAT with learned byte chunks",
            model="hat.models.merge_hat:MergeHAT", layout="tokens", tokenizer="byte",
            gate="merge", sampler="hat.generate:MergeSampler",
-           reference_sampler="hat.sampling:ReferenceTokenSampler"),
+           reference_sampler="hat.sampling:ReferenceTokenSampler",
+           controller="hat.models.gates:merge_controller"),
     Family("bpe", "SentencePiece BPE LM on the same backbone",
            model="hat.models.token_lm:TokenLM", layout="tokens", tokenizer="bpe",
            gate="none", sampler="hat.generate:TokenSampler",
@@ -186,6 +193,9 @@ def family_name(model_cfg: ModelConfig) -> str:
   """The family of a model config: the one place that reads model.kind and gate.kind."""
   if model_cfg.kind == "hat":
     return {"none": "hat", "delete": "hat_delete", "merge": "hat_merge"}[model_cfg.gate.kind]
+  if model_cfg.gate.kind != "none":
+    raise ConfigError(f"model.gate.kind: gates need model.kind='hat', got "
+                      f"model.kind={model_cfg.kind!r}")
   return model_cfg.kind
 
 

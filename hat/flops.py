@@ -101,9 +101,9 @@ def _train(fwd: dict[str, float]) -> dict[str, float]:
 
 
 def _merge_capacity(cfg: TrainConfig) -> int:
-  from hat.models.merge_hat import merge_capacity  # local: keeps flops free of model imports
+  from hat.config import merge_capacity  # pylint: disable=g-import-not-at-top
 
-  return merge_capacity(cfg.model, cfg.data.max_tokens)
+  return merge_capacity(cfg.model.gate.merge, cfg.data.max_tokens)
 
 
 def _is_merge(cfg: TrainConfig) -> bool:
@@ -159,7 +159,7 @@ def real_train_flops_per_window(cfg: TrainConfig, bytes_per_word: float,
   n_bytes = float(cfg.data.window_bytes)
   if _is_merge(cfg):
     # Chunks of the target length stand in for words; byte stacks see one stream.
-    chunk = cfg.model.gate.target_bytes_per_chunk
+    chunk = cfg.model.gate.merge.target_bytes_per_chunk
     chunks = n_bytes / chunk
     fwd = _hat_fwd(cfg, units=chunks, slots=n_bytes, enc_pairs=n_bytes * n_bytes / 2,
                    dec_pairs=chunks * chunk * chunk / 2, unit_pairs=chunks * chunks / 2)

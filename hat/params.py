@@ -12,6 +12,7 @@ Nothing is allocated, so paper-scale configs are counted instantly.
 from __future__ import annotations
 
 from hat.config import ModelConfig, TransformerConfig
+from hat.family import family_of
 from hat.text.codec import BYTE_VOCAB_SIZE
 
 
@@ -44,8 +45,8 @@ def stack_matmul_params(t: TransformerConfig) -> int:
 
 
 def default_vocab_size(m: ModelConfig, vocab_size: int | None = None) -> int:
-  """Output vocabulary: the byte symbols for hat/byte, else `vocab_size` or the config's."""
-  if m.kind in ("hat", "byte"):
+  """Output vocabulary: the byte symbols, else (BPE) `vocab_size` or the config's."""
+  if family_of(m).tokenizer != "bpe":
     return BYTE_VOCAB_SIZE
   v = vocab_size if vocab_size else m.vocab_size
   if not v:
@@ -56,8 +57,9 @@ def default_vocab_size(m: ModelConfig, vocab_size: int | None = None) -> int:
 def count_params(m: ModelConfig, vocab_size: int | None = None) -> dict[str, int]:
   """Parameters per module (and "total"), matching the model built from `m` exactly."""
   v = default_vocab_size(m, vocab_size)
+  family = family_of(m)
   out: dict[str, int] = {}
-  if m.kind == "hat":
+  if family.hierarchical:
     enc, dec, bb = m.encoder, m.decoder, m.backbone
     out["encoder_embed"] = v * enc.d_model
     # A tied table is stored once (in the encoder) and reused by the decoder.
@@ -70,10 +72,9 @@ def count_params(m: ModelConfig, vocab_size: int | None = None) -> dict[str, int
     out["head"] = dec.d_model * v
     # Dynamic gates: RMSNorm scale, w and a scalar bias on the backbone (delete) or
     # byte-encoder (merge) width.
-    if m.gate.kind == "delete":
-      out["gate"] = 2 * bb.d_model + 1
-    elif m.gate.kind == "merge":
-      out["gate"] = 2 * enc.d_model + 1
+    gate_width = {"delete": bb.d_model, "merge": enc.d_model}.get(family.gate)
+    if gate_width:
+      out["gate"] = 2 * gate_width + 1
   else:
     bb = m.backbone
     out["embed"] = v * bb.d_model
@@ -91,7 +92,7 @@ def paper_groups(m: ModelConfig, vocab_size: int | None = None) -> dict[str, int
   "total" including both 64k embedding matrices.
   """
   c = count_params(m, vocab_size)
-  if m.kind != "hat":
+  if not family_of(m).hierarchical:
     return {"total": c["total"], "non_embedding": c["backbone"]}
   dec_embed = c["decoder_embed"] or c["encoder_embed"]
   return {

@@ -11,7 +11,7 @@ from flax import nnx
 
 from conftest import rngs, tiny_model_config
 from test_train import ROOT
-from hat.config import ConfigError, GateConfig, from_config_dict
+from hat.config import ConfigError, DeleteGateConfig, GateConfig, MergeGateConfig, from_config_dict
 from hat.data.layout import hat_batch_from_texts
 from hat.models import build_model, gated_hat, gates
 
@@ -25,7 +25,8 @@ def _batch(docs=DOCS):
 
 
 def _model(layer=1, seed=0, **gate):
-  cfg = tiny_model_config(gate=GateConfig(kind="delete", layer=layer, **gate))
+  cfg = tiny_model_config(gate=GateConfig(kind="delete",
+                                          delete=DeleteGateConfig(layer=layer, **gate)))
   return build_model(cfg, vocab_size=259, rngs=rngs(seed), row_len=16)
 
 
@@ -51,12 +52,12 @@ def test_compact_indices_order_capacity_and_overflow():
 
 
 def test_soft_and_hard_deletion_agree_when_gates_saturate():
-  model = _model()
+  model = _model(seed=3)  # a seed whose saturated gate deletes some words and keeps others
   _saturate(model)
   batch = _batch()
   graphdef, state = nnx.split(model)
   (soft, aux), (hard, aux_h) = _both(state, graphdef, batch)
-  g = np.asarray(model.gate_scores(model.encode(batch, 16), batch["unit_segment_BxW"],
+  g = np.asarray(model.gate_scores(model.encode(batch, {}).x_BxWxD, batch["unit_segment_BxW"],
                                    batch["unit_pos_BxW"])[1])
   real = np.asarray(batch["unit_segment_BxW"]) > 0
   assert np.all((np.abs(g) < 1e-6) | (np.abs(g - model.gate.k) < 1e-6))
@@ -80,9 +81,9 @@ def test_kv_cache_steps_match_batched_hard_pass_and_skip_deleted_words():
   model = _model(seed=1)
   _saturate(model)
   batch = _batch(DOCS[:1])
-  words = model.encode(batch, 16)
-  seg, pos = batch["unit_segment_BxW"], batch["unit_pos_BxW"]
-  p_full, aux = model.backbone_with_aux(words, seg, pos, hard=True)
+  units, aux = model.encode(batch, {}), {}
+  words, pos = units.x_BxWxD, batch["unit_pos_BxW"]
+  p_full = model.backbone_stage(units, aux, hard=True)
   n = int(batch["num_units_B"][0])
   caches = gated_hat.empty_backbone_caches(model, 1, 32)
   step = jax.jit(lambda c, x, p: gated_hat.backbone_step(model, x, p, c))
@@ -125,16 +126,17 @@ def test_pi_controller_update_rule_and_state():
 
 
 def test_delete_gate_controller_is_two_sided_unless_configured():
-  assert gates.make_controller(GateConfig(kind="delete")).floor is None
-  assert gates.make_controller(GateConfig(kind="delete", two_sided=False)).floor == 0.0
-  assert gates.make_controller(GateConfig(kind="merge")).floor == 0.0
+  assert gates.delete_controller(GateConfig(kind="delete")).floor is None
+  one_sided = GateConfig(kind="delete", delete=DeleteGateConfig(two_sided=False))
+  assert gates.delete_controller(one_sided).floor == 0.0
+  assert gates.merge_controller(GateConfig(kind="merge", merge=MergeGateConfig())).floor == 0.0
 
 
 def test_gate_sgd_moves_gate_params_by_lr_times_gradient_and_others_by_adamw():
   from hat.config import resolve
   from hat.train.optim import gate_sgd_lr, is_gate_param, make_optimizer
 
-  cfg = resolve(None, ["model.gate.kind=delete", "model.gate.sgd_lr=0.64",
+  cfg = resolve(None, ["model.gate.kind=delete", "model.gate.delete.sgd_lr=0.64",
                        "model.backbone.d_model=64", "optim.warmup_steps=0", "optim.lr=0.1"])
   lr = gate_sgd_lr(cfg)
   assert lr == pytest.approx(0.01)
@@ -150,7 +152,7 @@ def test_gate_sgd_moves_gate_params_by_lr_times_gradient_and_others_by_adamw():
   np.testing.assert_allclose(updates["head"][:2], [-0.1 * (1 + 0.1), -0.1 * (-1 + 0.1)],
                              rtol=1e-3)
   assert not is_gate_param(("backbone_lower", "gate"))
-  assert gate_sgd_lr(resolve(None, ["model.gate.kind=delete", "model.gate.sgd_lr=0"])) == 0.0
+  assert gate_sgd_lr(resolve(None, ["model.gate.kind=delete", "model.gate.delete.sgd_lr=0"])) == 0.0
   assert gate_sgd_lr(resolve(None, [])) == 0.0  # no gate
 
 
@@ -176,8 +178,8 @@ def test_detached_gate_input_keeps_the_regulariser_out_of_the_lower_layers():
 
 
 def test_gate_config_is_validated():
-  with pytest.raises(ConfigError, match="model.gate.layer"):
-    from_config_dict({"model": {"gate": {"kind": "delete", "layer": 2}}})
+  with pytest.raises(ConfigError, match="model.gate.delete.layer"):
+    from_config_dict({"model": {"gate": {"kind": "delete", "delete": {"layer": 2}}}})
   with pytest.raises(ConfigError, match="model.gate.kind"):
     from_config_dict({"model": {"gate": {"kind": "drop"}}})
 
@@ -197,7 +199,7 @@ def test_controller_brings_the_deletion_ratio_to_target_in_real_training(tmp_pat
   from hat.train.loop import train
 
   over = [*TINY_OVERRIDES, "data.train=builtin", "model.backbone.num_layers=2",
-          "model.gate.kind=delete", "model.gate.layer=1", "model.gate.target_ratio=0.5",
+          "model.gate.kind=delete", "model.gate.delete.layer=1", "model.gate.delete.target_ratio=0.5",
           "ckpt_every=0", "mesh=data=1", "steps=400", "optim.warmup_steps=20"]
   train(resolve(str(ROOT / "configs" / "tiny_hat.py"), over), tmp_path / "run",
         progress=False)
@@ -221,7 +223,7 @@ def test_gate_and_controller_state_survive_checkpoint_and_resume(tmp_path):
 
   corpus = write_corpus(tmp_path / "corpus.txt")
   over = [*TINY_OVERRIDES, f"data.train=text:{corpus}", "model.backbone.num_layers=2",
-          "model.gate.kind=delete", "model.gate.layer=1", "model.gate.target_ratio=0.9",
+          "model.gate.kind=delete", "model.gate.delete.layer=1", "model.gate.delete.target_ratio=0.9",
           "ckpt_every=2", "mesh=data=1", "global_data_stream=false", "model.scan_layers=false"]
   workdir = tmp_path / "run"
   train(resolve(str(ROOT / "configs" / "tiny_hat.py"), [*over, "steps=4"]), workdir,

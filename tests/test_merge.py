@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from conftest import rngs, tiny_model_config
-from hat.config import GateConfig
+from hat.config import GateConfig, MergeGateConfig
 from hat.data.merge_layout import merge_batch_from_texts
 from hat.models import build_model, loss_and_metrics
 from hat.models.merge_hat import MergeGenerator, chunk_boundaries
@@ -16,9 +16,10 @@ from hat.models.merge_hat import MergeGenerator, chunk_boundaries
 DOCS = [b"the quick brown fox jumps over the lazy dog. ", b"hello world, hi there."]
 
 
-def _model(seed=0, **gate):
-  gate = {"max_chunk_bytes": 6, "controller": "ratio", **gate}
-  cfg = tiny_model_config(gate=GateConfig(kind="merge", **gate))
+def _model(seed=0, controller="ratio", **merge):
+  merge = {"max_chunk_bytes": 6, **merge}
+  cfg = tiny_model_config(gate=GateConfig(kind="merge", controller=controller,
+                                          merge=MergeGateConfig(**merge)))
   return build_model(cfg, vocab_size=259, rngs=rngs(seed))
 
 

@@ -42,6 +42,7 @@ from jax.sharding import AxisType, Mesh  # noqa: E402
 
 from hat import flops, params  # noqa: E402
 from hat.config import TrainConfig, resolve  # noqa: E402
+from hat.family import family_of  # noqa: E402
 from hat.models import model_vocab_size  # noqa: E402
 from hat.sharding import MESH_AXES, parse_mesh_spec  # noqa: E402
 from hat.train.state import state_spec  # noqa: E402
@@ -171,20 +172,9 @@ def build_mesh(devices: list, mesh_spec: str, num_slices: int) -> Mesh:
 
 
 def abstract_batch(cfg: TrainConfig) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes of one global batch per hat.data.batch (all int32)."""
-  d, b = cfg.data, cfg.data.batch_size
-  if cfg.model.kind == "hat":
-    w, s = d.max_units, d.num_rows * d.row_len
-    shapes = {k: (b, w) for k in ("unit_segment_BxW", "unit_pos_BxW", "unit_slot_BxW")}
-    shapes.update({k: (b, s) for k in ("slot_ids_BxS", "slot_unit_BxS", "slot_pos_BxS",
-                                       "targets_BxS", "target_mask_BxS")})
-    shapes.update(num_bytes_B=(b,), num_units_B=(b,))
-  else:
-    t = d.max_tokens
-    shapes = {k: (b, t) for k in ("tokens_BxT", "targets_BxT", "target_mask_BxT",
-                                  "segment_BxT", "pos_BxT")}
-    shapes["num_bytes_B"] = (b,)
-  return {k: jax.ShapeDtypeStruct(v, jnp.int32) for k, v in shapes.items()}
+  """Shapes of one global batch, as the run's family lays it out (hat.data.batch)."""
+  shapes = family_of(cfg).batch_shapes(cfg, cfg.data.batch_size)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) for k, (shape, dtype) in shapes.items()}
 
 
 _HLO_VALUE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = ((?:\w+\[[0-9,]*\][^ ]*)|\([^=]*?\)) "
@@ -287,7 +277,7 @@ def compile_for(cfg: TrainConfig, topo: Topology, *, flops_check: bool = False,
       per_chip_flops, scope = checked, "whole step (loop-free variant)"
   analytic = flops.train_flops_per_step(cfg)
   rep = {
-      "config_kind": cfg.model.kind,
+      "config_kind": family_of(cfg).name,
       "topology": topo.name, "num_slices": topo.num_slices, "chips": chips,
       "device_kind": devices[0].device_kind,
       "mesh": dict(mesh.shape),

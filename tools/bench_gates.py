@@ -29,6 +29,7 @@ from flax import nnx  # noqa: E402
 
 from hat.config import resolve  # noqa: E402
 from hat.data import pipeline  # noqa: E402
+from hat.family import family_of  # noqa: E402
 from hat.data.sources import parse_eval_sets  # noqa: E402
 from hat.models import gated_hat, gates, model_vocab_size  # noqa: E402
 from hat.models.losses import bits_per_byte  # noqa: E402
@@ -50,7 +51,7 @@ def train_and_eval(cfg, eval_batches: int):
   it = pipeline.make_train_iterator(cfg, process_index=0, process_count=1)
   batch = pipeline.global_batch(next(it), mesh)
   step = make_train_step(cfg, spec, mesh, batch)
-  controller = gates.make_controller(cfg.model.gate)
+  controller = family_of(cfg).make_controller(cfg)
   ratios, t0, trained_bytes, timed_bytes = [], None, 0.0, 0.0
   with jax.set_mesh(mesh):
     for s in range(cfg.steps):
@@ -72,7 +73,7 @@ def train_and_eval(cfg, eval_batches: int):
     eval_step = make_eval_step(cfg, spec, mesh, batch)
     model = model_from_state(spec, state)
     sums: dict[str, float] = {}
-    hard = _hard_eval_fn(model) if cfg.model.gate.kind == "delete" else None
+    hard = _hard_eval_fn(model) if family_of(cfg).gate == "delete" else None
     name = next(iter(parse_eval_sets(cfg.data.eval, cfg.data.train)))
     for local in pipeline.make_eval_iterator(cfg, name, max_batches=eval_batches,
                                              process_index=0, process_count=1):
@@ -202,6 +203,8 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=300)
   ap.add_argument("--eval-batches", type=int, default=8)
   ap.add_argument("--deltas", default="0.3,0.5")
+  ap.add_argument("--layer0-deltas", default="0.5",
+                  help="target ratios of extra rows with the gate on the word inputs (layer 0)")
   ap.add_argument("--gen-bytes", type=int, default=200)
   ap.add_argument("--merge-controller", default="ratio", choices=("ratio", "pi"))
   ap.add_argument("--only", default="", help="comma list of rows: hat,delete,merge")
@@ -210,8 +213,11 @@ def main(argv=None) -> int:
   common = [f"data.train={args.data}", f"steps={args.steps}", "optim.warmup_steps=30",
             "sample_bytes=0", "eval_every=0"]
   rows = [("hat", "tiny_hat.py", [])]
-  rows += [(f"delete δ={d}", "tiny_hat_delete.py", [f"model.gate.target_ratio={d}"])
+  rows += [(f"delete δ={d}", "tiny_hat_delete.py", [f"model.gate.delete.target_ratio={d}"])
            for d in args.deltas.split(",") if d]
+  rows += [(f"delete δ={d} layer 0", "tiny_hat_delete.py",
+            [f"model.gate.delete.target_ratio={d}", "model.gate.delete.layer=0"])
+           for d in args.layer0_deltas.split(",") if d]
   rows += [("merge", "tiny_hat_merge.py", [f"model.gate.controller={args.merge_controller}"])]
   only = set(filter(None, args.only.split(",")))
   results = []
@@ -222,21 +228,21 @@ def main(argv=None) -> int:
     t0 = time.time()
     model, sums, stats = train_and_eval(cfg, args.eval_batches)
     res = {"model": name, "bpb": bits_per_byte(sums["nll_sum"], sums["num_bytes"]), **stats}
-    g = cfg.model.gate
-    if g.kind == "delete":
+    family, g = family_of(cfg), cfg.model.gate.delete
+    if family.gate == "delete":
       res["hard_bpb"] = bits_per_byte(sums["hard_nll_sum"], sums["num_bytes"])
       res["eval_deletion_ratio"] = sums["hard_gate_deleted"] / sums["hard_gate_units"]
       res["kv_overflow"] = sums["hard_kv_overflow"]
       n, l_all = cfg.model.backbone.num_layers, cfg.model.backbone.num_layers
       kept = 1 - res["eval_deletion_ratio"]
       res["kv_cache_vs_plain"] = (g.layer + (n - g.layer) * kept) / l_all
-    if g.kind == "merge":
+    if family.gate == "merge":
       res["bytes_per_backbone_position"] = sums["num_bytes"] / sums["chunks"]
       res["chunk_overflow"] = sums.get("chunk_overflow", 0.0)
     elif sums.get("num_words"):
       # Backbone positions of rule-based HAT: words + START/END units (= predicted units).
       res["bytes_per_backbone_position"] = sums["num_bytes"] / sums["num_words"]
-    if g.kind != "merge":
+    if family.words:
       res.update(generation_stats(model, cfg, args.gen_bytes))
     res["wall_s"] = time.time() - t0
     print(json.dumps(res), flush=True)

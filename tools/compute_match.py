@@ -18,6 +18,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from hat import flops, params  # noqa: E402
 from hat.config import from_config_dict, load_config_file  # noqa: E402
+from hat.family import family_of  # noqa: E402
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def _describe(name: str, cfg, vocab_size: int | None, bpw: float, bpt: float) ->
   """Prints one model's parameter groups and FLOPs/byte per module; returns the total."""
   groups = params.paper_groups(cfg.model, vocab_size)
   fpb = flops.flops_per_byte(cfg, bpw, bpt, vocab_size)
-  print(f"{name}: kind={cfg.model.kind}  parameters: "
+  print(f"{name}: family={family_of(cfg).name}  parameters: "
         + ", ".join(f"{k} {params.format_count(v)}" for k, v in groups.items()))
   for k, v in fpb.items():
     print(f"  {k:>13s}  {v / 1e9:9.4f} GFLOP/byte")

@@ -20,6 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from hat import config as config_lib  # noqa: E402
 from hat.data import pipeline  # noqa: E402
+from hat.family import family_of  # noqa: E402
 from hat.text import codec  # noqa: E402
 
 
@@ -88,7 +89,8 @@ def main(argv=None) -> None:
                                      process_count=1)
   else:
     it = pipeline.make_train_iterator(cfg, tokenizer, process_index=0, process_count=1)
-  print(f"model.kind={cfg.model.kind} source={args.eval or cfg.data.train} "
+  family = family_of(cfg)
+  print(f"family={family.name} source={args.eval or cfg.data.train} "
         f"window_bytes={cfg.data.window_bytes} splitter={cfg.data.splitter}")
   stats = []
   for n, batch in enumerate(it):
@@ -98,8 +100,7 @@ def main(argv=None) -> None:
     if n < args.batches:
       print(f"\n=== batch {n}: {stats[-1]}")
       for b in range(min(args.sequences, len(batch["num_bytes_B"]))):
-        text = (render_hat(batch, b) if cfg.model.kind == "hat"
-                else render_tokens(batch, b, tokenizer))
+        text = render_hat(batch, b) if family.words else render_tokens(batch, b, tokenizer)
         print(f"--- sequence {b} ({int(batch['num_bytes_B'][b])} bytes)\n    {text}")
   if stats:
     print("\n=== statistics")

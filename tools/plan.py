@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from hat import flops, params  # noqa: E402
+from hat.family import family_of  # noqa: E402
 from hat.config import TrainConfig, resolve  # noqa: E402
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -76,11 +77,10 @@ def estimate(cfg: TrainConfig, device: str, chips: int, mfu: float = 0.4,
   rate = chips * peak * mfu
   step_s = executed / rate
   bytes_per_s = batch * window / step_s
-  if cfg.model.kind == "hat":
-    unit_name, per_unit = "words", bytes_per_word
-  else:
-    unit_name, per_unit = "tokens", 1.0 if cfg.model.kind == "byte" else bytes_per_token
-  return Plan(kind=cfg.model.kind, device=kind, chips=chips, mfu=mfu, batch=batch,
+  family = family_of(cfg)
+  unit_name, per_unit = {"hat_rows": ("words", bytes_per_word)}.get(
+      family.layout, ("tokens", bytes_per_token if family.tokenizer == "bpe" else 1.0))
+  return Plan(kind=family.name, device=kind, chips=chips, mfu=mfu, batch=batch,
               window_bytes=window, executed_flops=executed, ideal_flops=ideal, step_s=step_s,
               ideal_step_s=ideal / rate, bytes_per_s=bytes_per_s,
               units_per_s=bytes_per_s / per_unit, unit_name=unit_name,

@@ -8,8 +8,9 @@ symbols the model emits *after* the last context byte:
   from inside the word, so the split point may fall anywhere, even mid-word, and scores
   add up exactly: `ll(a, b + c) == ll(a, b) + ll(a + b, c)`. The final word's `[W]` is
   not counted: the text may go on.
-- BPE / byte LM: the tokens of `encode(continuation)` after `BOS + encode(context)`
-  (the lm-evaluation-harness convention).
+- BPE / byte LM / merge HAT (token layouts): the tokens of `encode(continuation)` after
+  `BOS + encode(context)` (the lm-evaluation-harness convention; exact at any split for
+  the byte-level families).
 
 Requests are laid out with the run's static shapes and scored in fixed-size batches by
 one jit-compiled function, so nothing recompiles per request. A context longer than the
@@ -28,6 +29,7 @@ from flax import nnx
 
 from hat.data import layout
 from hat.data.layout import Segment
+from hat.family import family_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +65,15 @@ class Scorer:
       return nnx.merge(graphdef, state)(batch)[0]
 
     self._forward = lambda b: forward(state, {k: jnp.asarray(v) for k, v in b.items()})
-    if cfg.model.kind == "hat":
+    self.family = family_of(cfg)
+    if self.family.words:
       from hat.text.splitter import Splitter
       self.splitter = Splitter(cfg.data.splitter, cfg.data.max_word_bytes)
-    elif tokenizer is None:
-      raise ValueError(f"model.kind={cfg.model.kind!r} needs its tokenizer to score text")
+      self._make_request = self._hat_request
+    else:
+      if tokenizer is None:
+        raise ValueError(f"the {self.family.name} family needs its tokenizer to score text")
+      self._make_request = self._token_request
 
   # ------------------------------------------------------------------ request layout
 
@@ -130,8 +136,7 @@ class Scorer:
   def loglikelihood_many(self, requests: Sequence[tuple[str | bytes, str | bytes]]
                          ) -> list[Score]:
     """Scores many (context, continuation) pairs in fixed-size batches."""
-    make = self._hat_request if self.cfg.model.kind == "hat" else self._token_request
-    laid = [make(_as_bytes(c), _as_bytes(x)) for c, x in requests]
+    laid = [self._make_request(_as_bytes(c), _as_bytes(x)) for c, x in requests]
     out: list[Score] = []
     for i in range(0, len(laid), self.batch_size):
       chunk = laid[i:i + self.batch_size]

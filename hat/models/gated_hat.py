@@ -17,26 +17,15 @@ next word; what deletion removes is the word's key/value entry in the upper laye
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hat.config import ModelConfig
+from hat.config import delete_capacity
 from hat.models import gates
-from hat.models.hat_model import HAT
+from hat.models.hat_model import HAT, Units, _stack_kwargs
 from hat.models.layers import Block, TransformerStack, rope
-from hat.sharding import constrain
-from hat.text.codec import BYTE_VOCAB_SIZE
-
-
-def default_capacity(model_cfg: ModelConfig, max_units: int) -> int:
-  """Kept words per sequence for hard deletion: the config's, else (1-δ)·W·1.25 rounded to 8."""
-  g = model_cfg.gate
-  if g.capacity:
-    return g.capacity
-  return min(max_units, int(math.ceil((1.0 - g.target_ratio) * max_units * 1.25 / 8)) * 8)
 
 
 def stack_blocks(stack: TransformerStack) -> list[Block]:
@@ -107,64 +96,58 @@ def hard_upper(stack: TransformerStack, x_BxWxD, segment_BxW, pos_BxW, keep_BxW,
 
 
 class GatedHAT(HAT):
-  """HAT whose backbone has a MrT5 delete gate after `gate.layer` blocks."""
+  """HAT whose backbone has a MrT5 delete gate after `gate.delete.layer` blocks.
 
-  def __init__(self, cfg: ModelConfig, *, vocab_size: int = BYTE_VOCAB_SIZE,
-               row_len: int | None = None, rngs: nnx.Rngs):
-    super().__init__(cfg, vocab_size=vocab_size, row_len=row_len, rngs=rngs)
-    del self.backbone  # replaced by the two halves around the gate
-    g, bb = cfg.gate, cfg.backbone
-    stack = dict(attention_impl=cfg.attention_impl, compute_dtype=cfg.compute_dtype,
-                 param_dtype=cfg.param_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers)
+  Overrides the backbone of the byte hierarchy only: `backbone_lower` (absent when the
+  gate sits on the word inputs, layer 0), the gate, and `backbone_upper`.
+  """
+
+  def build_backbone(self, rngs: nnx.Rngs) -> None:
+    """Two halves of the word backbone around the gate (no final norm below it)."""
+    cfg, bb = self.cfg, self.cfg.backbone
+    g = cfg.gate.delete
     split = lambda n, norm: TransformerStack(dataclasses.replace(bb, num_layers=n),
-                                             causal=True, final_norm=norm, rngs=rngs, **stack)
-    self.backbone_lower = split(g.layer, False)
+                                             causal=True, final_norm=norm, rngs=rngs,
+                                             **_stack_kwargs(cfg))
+    self.backbone_lower = split(g.layer, False) if g.layer else None
     self.gate = gates.DeleteGate(bb.d_model, k=g.k, bias_init=g.bias_init,
                                  norm_eps=bb.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
     self.backbone_upper = split(bb.num_layers - g.layer, True)
 
   def gate_scores(self, words_BxWxD, segment_BxW, pos_BxW):
     """Lower layers and the gate: (h_BxWxD, G_BxW with 0 on padding)."""
-    h_BxWxD = self.backbone_lower(words_BxWxD, segment_BxL=segment_BxW, pos_BxL=pos_BxW)
-    gate_in_BxWxD = jax.lax.stop_gradient(h_BxWxD) if self.cfg.gate.detach_input else h_BxWxD
+    h_BxWxD = words_BxWxD
+    if self.backbone_lower is not None:
+      h_BxWxD = self.backbone_lower(words_BxWxD, segment_BxL=segment_BxW, pos_BxL=pos_BxW)
+    detach = self.cfg.gate.delete.detach_input
+    gate_in_BxWxD = jax.lax.stop_gradient(h_BxWxD) if detach else h_BxWxD
     g_BxW = jnp.where(segment_BxW > 0, self.gate(gate_in_BxWxD), 0.0)
     return h_BxWxD, g_BxW
 
   def _project(self, h_BxWxD):
-    cd = self.compute_dtype
-    p_BxWxd = jnp.einsum("bwe,ed->bwd", h_BxWxD.astype(cd), self.w_dec[...].astype(cd))
-    return constrain(p_BxWxd, ("batch", "units", "embed"))
+    return self._project_out(h_BxWxD)
 
-  def backbone_with_aux(self, words_BxWxD, segment_BxW, pos_BxW, *, hard: bool = False):
-    """Gated backbone -> (p_BxWxd, aux of summed gate statistics)."""
-    h_BxWxD, g_BxW = self.gate_scores(words_BxWxD, segment_BxW, pos_BxW)
+  def backbone_stage(self, units: Units, aux: dict, *, hard: bool = False) -> jax.Array:
+    """Gated backbone -> p_BxWxd; soft deletion, or hard (compacted K/V) with `hard`.
+
+    Adds the summed gate statistics and `gate_loss` (mean G over real words) to aux.
+    """
+    segment_BxW, pos_BxW = units.segment_BxW, units.pos_BxW
+    h_BxWxD, g_BxW = self.gate_scores(units.x_BxWxD, segment_BxW, pos_BxW)
     real_BxW = segment_BxW > 0
     gone_BxW = gates.deleted(g_BxW, self.gate.k) & real_BxW
-    aux = {"gate_sum": jnp.sum(g_BxW), "gate_units": jnp.sum(real_BxW).astype(jnp.float32),
-           "gate_deleted": jnp.sum(gone_BxW).astype(jnp.float32)}
+    aux.update(gate_sum=jnp.sum(g_BxW), gate_units=jnp.sum(real_BxW).astype(jnp.float32),
+               gate_deleted=jnp.sum(gone_BxW).astype(jnp.float32))
     if hard:
-      capacity = default_capacity(self.cfg, words_BxWxD.shape[1])
+      capacity = delete_capacity(self.cfg.gate.delete, units.x_BxWxD.shape[1])
       h_BxWxD, overflow_B = hard_upper(self.backbone_upper, h_BxWxD, segment_BxW, pos_BxW,
                                        real_BxW & ~gone_BxW, capacity)
       aux["kv_overflow"] = jnp.sum(overflow_B).astype(jnp.float32)
     else:
       h_BxWxD = self.backbone_upper(h_BxWxD, segment_BxL=segment_BxW, pos_BxL=pos_BxW,
                                     key_bias_BxL=g_BxW)
-    return self._project(h_BxWxD), aux
-
-  def backbone_forward(self, words_BxWxD, unit_segment_BxW, unit_pos_BxW):
-    """Soft-deletion backbone -> predictive embeddings p_BxWxd."""
-    return self.backbone_with_aux(words_BxWxD, unit_segment_BxW, unit_pos_BxW)[0]
-
-  def __call__(self, batch: dict, *, hard: bool = False, row_len: int | None = None):
-    """Teacher-forced forward -> (logits_BxSxV, gate aux); `gate_loss` = mean G."""
-    row_len = row_len or self.row_len
-    words_BxWxD = self.encode(batch, row_len)
-    p_BxWxd, aux = self.backbone_with_aux(words_BxWxD, batch["unit_segment_BxW"],
-                                          batch["unit_pos_BxW"], hard=hard)
-    logits = self.decode(self.decoder_inputs(p_BxWxd, batch), batch, row_len)
     aux["gate_loss"] = aux["gate_sum"] / jnp.maximum(aux["gate_units"], 1.0)
-    return logits, aux
+    return self._project_out(h_BxWxD)
 
 
 # ------------------------------------------------------------------ incremental backbone

@@ -148,17 +148,23 @@ class PIController:
     self.p, self.i, self.alpha = (float(state[k]) for k in ("p", "i", "alpha"))
 
 
-def make_controller(gate_cfg) -> PIController | None:
-  """The host-side controller a gate config asks for (None when alpha is fixed)."""
-  if gate_cfg.kind == "none" or gate_cfg.controller != "pi":
+def delete_controller(gate_cfg) -> PIController:
+  """The delete gate's PI controller towards the target deletion ratio."""
+  d = gate_cfg.delete
+  return PIController(target=d.target_ratio, kp=gate_cfg.kp, ki=gate_cfg.ki,
+                      floor=None if d.two_sided else 0.0)
+
+
+def merge_controller(gate_cfg) -> PIController | None:
+  """The merge gate's PI controller (None with the fixed-weight ratio loss).
+
+  The "deleted" bytes are those that end no chunk, so the target ratio is 1 - 1/L for a
+  target chunk length L.
+  """
+  if gate_cfg.controller != "pi":
     return None
-  floor = 0.0
-  if gate_cfg.kind == "delete":
-    target = gate_cfg.target_ratio
-    floor = None if gate_cfg.two_sided else 0.0
-  else:  # merge: the "deleted" bytes are those that do not end a chunk
-    target = 1.0 - 1.0 / gate_cfg.target_bytes_per_chunk
-  return PIController(target=target, kp=gate_cfg.kp, ki=gate_cfg.ki, floor=floor)
+  target = 1.0 - 1.0 / gate_cfg.merge.target_bytes_per_chunk
+  return PIController(target=target, kp=gate_cfg.kp, ki=gate_cfg.ki, floor=0.0)
 
 
 def measured_ratio(metrics: dict[str, Any]) -> float | None:

@@ -23,28 +23,18 @@ H-Net's ratio loss at a fixed weight.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hat.config import ModelConfig
+from hat.config import ModelConfig, merge_capacity
 from hat.models import gates
 from hat.models.gated_hat import empty_caches, step_stack
-from hat.models.hat_model import build_byte_hierarchy
-from hat.models.layers import embed_lookup, to_dtype
+from hat.models.hat_model import ByteHierarchy, Units
+from hat.models.layers import embed_lookup
 from hat.sharding import constrain
 from hat.text.codec import BYTE_VOCAB_SIZE, PAD_ID, S_ID, W_ID
-
-
-def merge_capacity(model_cfg: ModelConfig, positions: int) -> int:
-  """Backbone positions per sequence: the config's, else 1.25·T/target rounded up to 8."""
-  g = model_cfg.gate
-  if g.capacity:
-    return g.capacity
-  return min(positions, int(math.ceil(1.25 * positions / g.target_bytes_per_chunk / 8)) * 8)
 
 
 def chunk_boundaries(p_BxT, segment_BxT, pos_BxT, max_chunk: int):
@@ -64,49 +54,34 @@ def chunk_boundaries(p_BxT, segment_BxT, pos_BxT, max_chunk: int):
   return end_TxB.T & real_BxT
 
 
-class MergeHAT(nnx.Module):
-  """Causal byte encoder -> boundary gate -> chunk backbone -> span-local byte decoder."""
+class MergeHAT(ByteHierarchy):
+  """Causal byte encoder -> boundary gate -> chunk backbone -> span-local byte decoder.
+
+  Overrides the encode stage (chunks instead of words), the decoder inputs (a guide
+  vector added to every byte of the span) and the decode stage (the byte stream).
+  """
+
+  encoder_causal = True  # the boundary gate may only look left
 
   def __init__(self, cfg: ModelConfig, *, vocab_size: int = BYTE_VOCAB_SIZE,
                row_len: int | None = None, rngs: nnx.Rngs):
     del row_len  # the byte stream has no rows
-    if vocab_size != BYTE_VOCAB_SIZE:
-      raise ValueError(f"the merge HAT predicts the {BYTE_VOCAB_SIZE} byte symbols, got "
-                       f"vocab_size={vocab_size}")
-    self.cfg, self.compute_dtype = cfg, to_dtype(cfg.compute_dtype)
-    self.max_chunk = cfg.gate.max_chunk_bytes
-    # The same modules as HAT, but the byte encoder is causal: the gate may only look left.
-    build_byte_hierarchy(self, cfg, encoder_causal=True, rngs=rngs)
+    super().__init__(cfg, vocab_size=vocab_size, rngs=rngs)
+    self.max_chunk = cfg.gate.merge.max_chunk_bytes
     self.gate = gates.BoundaryGate(cfg.encoder.d_model, norm_eps=cfg.encoder.norm_eps,
                                    param_dtype=cfg.param_dtype, rngs=rngs)
 
-  def _dec_table(self):
-    return (self.enc_embed if self.cfg.tie_byte_embeddings else self.dec_embed)[...]
-
   def _chunk_in(self, h_Bx_xd, conf):
-    cd = self.compute_dtype
-    x = jnp.einsum("btd,de->bte", h_Bx_xd.astype(cd), self.w_enc[...].astype(cd))
-    return x * conf[..., None].astype(cd)
+    return self._project_in(h_Bx_xd) * conf[..., None].astype(self.compute_dtype)
 
   def _chunk_out(self, h_Bx_xD):
-    cd = self.compute_dtype
-    return jnp.einsum("bte,ed->btd", h_Bx_xD.astype(cd), self.w_dec[...].astype(cd))
+    return self._project_out(h_Bx_xD)
 
-  def _head(self, h_BxTxd):
-    cd = self.compute_dtype
-    return jnp.einsum("btd,dv->btv", h_BxTxd.astype(cd), self.head[...].astype(cd),
-                      preferred_element_type=jnp.float32)
-
-  def __call__(self, batch: dict, *, with_boundaries: bool = False):
-    """Teacher-forced forward -> (logits_BxTxV fp32, aux: summed gate statistics + losses).
-
-    `with_boundaries` adds the chunk-end flags `boundary_BxT` to aux (for tests/tools).
-    """
+  def encode(self, batch: dict, aux: dict) -> Units:
+    """Stream encoder, chunk ends, and the chunk vectors compacted to M positions."""
     ids_BxT, seg_BxT, pos_BxT = batch["tokens_BxT"], batch["segment_BxT"], batch["pos_BxT"]
-    length = ids_BxT.shape[1]
-    capacity = merge_capacity(self.cfg, length)
-    cd = self.compute_dtype
-    x_BxTxd = embed_lookup(self.enc_embed[...], ids_BxT, cd)
+    capacity = merge_capacity(self.cfg.gate.merge, ids_BxT.shape[1])
+    x_BxTxd = embed_lookup(self.enc_embed[...], ids_BxT, self.compute_dtype)
     h_BxTxd = self.encoder(x_BxTxd, segment_BxL=seg_BxT, pos_BxL=pos_BxT)
     p_BxT = self.gate(h_BxTxd)
     end_BxT = chunk_boundaries(p_BxT, seg_BxT, pos_BxT, self.max_chunk)
@@ -122,39 +97,61 @@ class MergeHAT(nnx.Module):
     arange_M = jnp.arange(capacity)[None, :]
     first_BxM = jax.lax.cummax(jnp.where(starts_BxM, arange_M, 0), axis=1)
     cpos_BxM = arange_M - first_BxM
-    hb_BxMxD = self.backbone(constrain(chunks_BxMxD, ("batch", "units", "embed")),
-                             segment_BxL=cseg_BxM, pos_BxL=cpos_BxM)
-    guide_BxMxd = self._chunk_out(hb_BxMxD)
+    self._gate_aux(aux, p_BxT, end_BxT, seg_BxT, pos_BxT, overflow_B)
+    return Units(constrain(chunks_BxMxD, ("batch", "units", "embed")), cseg_BxM, cpos_BxM,
+                 extra={"end_BxT": end_BxT, "index_BxM": index_BxM})
 
-    # Position t decodes byte t+1 from the last chunk ending at or before t.
-    real_BxT = seg_BxT > 0
-    chunk_BxT = jnp.clip(jnp.minimum(gates.slot_of(end_BxT), capacity - 1), 0, capacity - 1)
-    guide_BxTxd = jnp.take_along_axis(guide_BxMxd, chunk_BxT[:, :, None], axis=1)
-    same_doc_BxT = real_BxT & (jnp.take_along_axis(cseg_BxM, chunk_BxT, axis=1) == seg_BxT)
-    y_BxTxd = embed_lookup(self._dec_table(), ids_BxT, cd)
-    y_BxTxd = y_BxTxd + jnp.where(same_doc_BxT[:, :, None], guide_BxTxd, 0).astype(cd)
-    span_start_BxT = jnp.take_along_axis(index_BxM, chunk_BxT, axis=1)
-    dseg_BxT = jnp.where(real_BxT, (chunk_BxT + 1) * (length + 1) + seg_BxT, 0)
-    dpos_BxT = jnp.maximum(jnp.arange(length)[None, :] - span_start_BxT, 0)
-    hd_BxTxd = self.decoder(y_BxTxd, segment_BxL=dseg_BxT, pos_BxL=dpos_BxT)
-    logits_BxTxV = constrain(self._head(hd_BxTxd), ("batch", "length", "vocab"))
-
-    inner_BxT = real_BxT & (pos_BxT > 0)  # bytes whose chunk end the gate decides
+  def _gate_aux(self, aux, p_BxT, end_BxT, seg_BxT, pos_BxT, overflow_B) -> None:
+    """Summed gate statistics, the controlled loss and (ratio controller) its fixed loss."""
+    inner_BxT = (seg_BxT > 0) & (pos_BxT > 0)  # bytes whose chunk end the gate decides
     units = jnp.sum(inner_BxT).astype(jnp.float32)
-    aux = {
-        "gate_units": units,
-        "gate_deleted": jnp.sum(inner_BxT & ~end_BxT).astype(jnp.float32),
-        "gate_p_sum": jnp.sum(jnp.where(inner_BxT, p_BxT, 0.0)),
-        "chunks": jnp.sum(end_BxT).astype(jnp.float32),
-        "chunk_overflow": jnp.sum(overflow_B).astype(jnp.float32),
-        "gate_loss": jnp.sum(jnp.where(inner_BxT, p_BxT, 0.0)) / jnp.maximum(units, 1.0),
-    }
+    p_sum = jnp.sum(jnp.where(inner_BxT, p_BxT, 0.0))
+    aux.update(gate_units=units,
+               gate_deleted=jnp.sum(inner_BxT & ~end_BxT).astype(jnp.float32),
+               gate_p_sum=p_sum, chunks=jnp.sum(end_BxT).astype(jnp.float32),
+               chunk_overflow=jnp.sum(overflow_B).astype(jnp.float32),
+               gate_loss=p_sum / jnp.maximum(units, 1.0), boundary_BxT=end_BxT)
     g = self.cfg.gate
     if g.controller == "ratio":
-      aux["gate_fixed_loss"] = g.ratio_loss_weight * gates.ratio_loss(
-          p_BxT, end_BxT, inner_BxT, g.target_bytes_per_chunk)
-    if with_boundaries:
-      aux["boundary_BxT"] = end_BxT
+      aux["gate_fixed_loss"] = g.merge.ratio_loss_weight * gates.ratio_loss(
+          p_BxT, end_BxT, inner_BxT, g.merge.target_bytes_per_chunk)
+
+  def _spans(self, batch: dict, units: Units):
+    """Per byte t: the chunk that guides it (the last ending at or before t) and its span."""
+    seg_BxT = batch["segment_BxT"]
+    capacity = units.segment_BxW.shape[1]
+    chunk_BxT = jnp.clip(gates.slot_of(units.extra["end_BxT"]), 0, capacity - 1)
+    same_doc_BxT = (seg_BxT > 0) & (jnp.take_along_axis(units.segment_BxW, chunk_BxT,
+                                                         axis=1) == seg_BxT)
+    return chunk_BxT, same_doc_BxT
+
+  def decoder_inputs(self, p_BxWxd: jax.Array, batch: dict, units: Units) -> jax.Array:
+    """Byte embeddings plus the guide p of the chunk each byte's span follows."""
+    cd = self.compute_dtype
+    chunk_BxT, same_doc_BxT = self._spans(batch, units)
+    guide_BxTxd = jnp.take_along_axis(p_BxWxd, chunk_BxT[:, :, None], axis=1)
+    y_BxTxd = embed_lookup(self._dec_table(), batch["tokens_BxT"], cd)
+    return y_BxTxd + jnp.where(same_doc_BxT[:, :, None], guide_BxTxd, 0).astype(cd)
+
+  def decode(self, x_BxTxd: jax.Array, batch: dict, units: Units) -> jax.Array:
+    """Causal decoder whose attention stays in each span (bytes since the chunk end)."""
+    seg_BxT = batch["segment_BxT"]
+    length = seg_BxT.shape[1]
+    chunk_BxT, _ = self._spans(batch, units)
+    span_start_BxT = jnp.take_along_axis(units.extra["index_BxM"], chunk_BxT, axis=1)
+    dseg_BxT = jnp.where(seg_BxT > 0, (chunk_BxT + 1) * (length + 1) + seg_BxT, 0)
+    dpos_BxT = jnp.maximum(jnp.arange(length)[None, :] - span_start_BxT, 0)
+    hd_BxTxd = self.decoder(x_BxTxd, segment_BxL=dseg_BxT, pos_BxL=dpos_BxT)
+    return self._head(hd_BxTxd, ("batch", "length", "vocab"))
+
+  def __call__(self, batch: dict, *, with_boundaries: bool = False):
+    """Teacher-forced forward -> (fp32 logits_BxTxV, aux: summed gate statistics + losses).
+
+    `with_boundaries` keeps the chunk-end flags `boundary_BxT` in aux (tests, tools).
+    """
+    logits_BxTxV, aux = super().__call__(batch)
+    if not with_boundaries:
+      del aux["boundary_BxT"]
     return logits_BxTxV, aux
 
 

@@ -26,6 +26,7 @@ from hat import flops
 from hat.config import ConfigError, TrainConfig
 from hat.data import pipeline
 from hat.data.sources import parse_eval_sets
+from hat.family import family_of
 from hat.models import gates, model_vocab_size
 from hat.sharding import make_mesh
 from hat.train import checkpoint as ckpt_lib
@@ -162,7 +163,7 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
   ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints, tokenizer=tokenizer)
   data_iter = _train_iterator(cfg, tokenizer)
   # A gate's regulariser weight alpha: set on the host each step, saved with checkpoints.
-  controller = gates.make_controller(cfg.model.gate)
+  controller = family_of(cfg).make_controller(cfg)
   state, step = _initial_state(cfg, spec, mesh, vocab_size, ckpt, data_iter, controller)
 
   def save(s):
@@ -180,7 +181,7 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
   if primary:
     n_params = sum(int(x.size) for x in jax.tree.leaves(spec.abstract[MODEL]))
     log.info("%s model, %s parameters, mesh %s, %d devices (%s), %d processes",
-             cfg.model.kind, f"{n_params:,}", dict(mesh.shape), jax.device_count(), kind,
+             family_of(cfg).name, f"{n_params:,}", dict(mesh.shape), jax.device_count(), kind,
              jax.process_count())
   bar = tqdm(total=cfg.steps, initial=step, disable=not (primary and progress),
              dynamic_ncols=True, file=sys.stderr)

@@ -12,7 +12,7 @@ bias exactly the comparison this project makes. Output heads are ordinary matmul
 are decayed.
 
 A delete gate's own parameters (`gate.*`) can train with plain SGD instead
-(`model.gate.sgd_lr`): its regulariser weight alpha is set by a controller, and only an
+(`model.gate.delete.sgd_lr`): its regulariser weight alpha is set by a controller, and only an
 optimiser whose step scales with the gradient lets alpha's size set the pull. AdamW
 normalises each coordinate, so any net push moves the gate by ~lr per step and the
 controller degenerates to bang-bang (measured: the deletion ratio swings 0 <-> 1).
@@ -69,12 +69,14 @@ def is_gate_param(path: tuple) -> bool:
 
 def gate_sgd_lr(cfg: TrainConfig) -> float:
   """Plain-SGD learning rate of the delete gate's parameters; 0 when they use AdamW."""
-  g = cfg.model.gate
-  if g.kind != "delete" or g.sgd_lr <= 0:
+  from hat.family import family_of  # pylint: disable=g-import-not-at-top
+
+  sgd_lr = cfg.model.gate.delete.sgd_lr
+  if family_of(cfg).gate != "delete" or sgd_lr <= 0:
     return 0.0
   # The score w·RMSNorm(h) sums d_model unit-scale terms, so an SGD step on w moves it by
   # ~lr·d_model·grad: dividing by d_model keeps the gate's speed independent of width.
-  return g.sgd_lr / cfg.model.backbone.d_model
+  return sgd_lr / cfg.model.backbone.d_model
 
 
 def with_gate_sgd(base: optax.GradientTransformation,
