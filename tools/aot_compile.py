@@ -220,15 +220,21 @@ def _cost_flops(compiled) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def _compile(cfg: TrainConfig, mesh: Mesh):
-  """(compiled train step, state spec, lower seconds, compile seconds)."""
-  t0 = time.time()
+def lower_train_step(cfg: TrainConfig, mesh: Mesh):
+  """(lowered train step, state spec): the trainer's own step on abstract inputs."""
   spec = state_spec(cfg, model_vocab_size(cfg), mesh)
   batch_shapes = abstract_batch(cfg)
   with jax.set_mesh(mesh):
     # The trainer's own jitted step: forward, backward, accumulation, AdamW update.
     step = make_train_step(cfg, spec, mesh, batch_shapes)
     lowered = step.lower(spec.abstract, batch_shapes, jax.ShapeDtypeStruct((), jnp.float32))
+  return lowered, spec
+
+
+def _compile(cfg: TrainConfig, mesh: Mesh):
+  """(compiled train step, state spec, lower seconds, compile seconds)."""
+  t0 = time.time()
+  lowered, spec = lower_train_step(cfg, mesh)
   t1 = time.time()
   compiled = lowered.compile()
   return compiled, spec, t1 - t0, time.time() - t1
