@@ -144,6 +144,12 @@ class Family:
 
     return params.count_params(_model_cfg(cfg), vocab_size)
 
+  def train_flops(self, cfg: TrainConfig, vocab_size: int | None = None) -> dict[str, float]:
+    """Training FLOPs of one padded sequence per module (and "total"), as executed."""
+    from hat import flops  # pylint: disable=g-import-not-at-top
+
+    return flops.train_flops_per_sequence(cfg, vocab_size)
+
   def make_controller(self, cfg: TrainConfig) -> Any:
     """The host-side controller of the gate's regulariser weight alpha, or None."""
     return _load(self.controller)(cfg.model.gate) if self.controller else None

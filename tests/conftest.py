@@ -5,9 +5,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
+import tempfile
 
 # Tests are sized for CPU; skip probing for accelerators (libtpu alone costs seconds).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for this test session, inherited by the training
+# subprocesses: many tests compile the very same tiny train step in fresh processes, and
+# compiling dominates their time. A new directory per session keeps every run cold at
+# its start, so suite timings stay comparable; set JAX_COMPILATION_CACHE_DIR to share one.
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _SESSION_CACHE = tempfile.mkdtemp(prefix="hat-test-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest
@@ -17,6 +29,12 @@ from hat.config import ModelConfig, TransformerConfig
 from hat.models.losses import loss_and_metrics
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  """Removes this session's compilation cache."""
+  if _SESSION_CACHE:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 TINY_STACK = TransformerConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
                                head_dim=8, mlp_dim=64)
