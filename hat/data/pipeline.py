@@ -88,8 +88,8 @@ def make_train_dataset(cfg, tokenizer=None, *, process_index: int | None = None,
     src = sources_lib.open_from_config(cfg.data, spec, "train")
     ds = grain.MapDataset.source(src)[pi::pc]  # each process reads a disjoint shard
     if len(ds) == 0:
-      raise ValueError(f"{spec}: {len(src)} training documents cannot feed shard {pi} of "
-                       f"{pc} processes")
+      raise sources_lib.SourceError(f"{spec}: {len(src)} training documents cannot feed "
+                                    f"shard {pi} of {pc} processes")
     # Distinct seeds: equally long sources would otherwise be shuffled alike.
     parts.append(ds.seed(cfg.data.seed + 7919 * i).shuffle().repeat())
   if len(parts) == 1:
