@@ -62,7 +62,9 @@ def entry_point(main: Callable[[list[str]], int | None]) -> Callable[..., int]:
   def wrapped(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)
-    argv = [a for a in argv if a != DEBUG_FLAG]
+    if DEBUG_FLAG in argv:
+      os.environ["HAT_DEBUG"] = "1"  # for code that asks debug_enabled() later
+      argv = [a for a in argv if a != DEBUG_FLAG]
     try:
       return int(main(argv) or 0)
     except Exception as e:  # pylint: disable=broad-except

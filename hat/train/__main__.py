@@ -36,7 +36,7 @@ import logging
 import os
 import sys
 
-from hat.cli import entry_point
+from hat.cli import debug_enabled, entry_point
 
 EXIT_NON_FINITE = 3
 EXIT_WRITE_FAILED = 4
@@ -84,6 +84,12 @@ def init_distributed(args: argparse.Namespace) -> None:
     jax.distributed.initialize()
 
 
+def _drop_orbax_writer_traceback(record: logging.LogRecord) -> bool:
+  """Orbax logs its writer thread's exception with a traceback, then re-raises it to the
+  trainer, which reports it as one CheckpointWriteError line naming the folder."""
+  return not (record.exc_info and "orbax" in record.pathname and "futures" in record.pathname)
+
+
 @entry_point
 def main(argv: list[str]) -> int:
   """CLI entry point."""
@@ -100,6 +106,8 @@ def main(argv: list[str]) -> int:
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if not debug_enabled():
+    logging.getLogger("absl").addFilter(_drop_orbax_writer_traceback)
   stop = StopFlag()
   stop.install()
   inject = _env_int("HAT_INJECT_NAN_AT_STEP")
@@ -113,6 +121,8 @@ def main(argv: list[str]) -> int:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return EXIT_NON_FINITE
   except CheckpointWriteError as e:
+    if debug_enabled():
+      raise
     # Not the user's typo, but nothing to debug either: the folder and the OS error say it.
     print(f"error: {e}; the newest committed checkpoint is intact: restart to resume "
           f"from it", file=sys.stderr, flush=True)

@@ -175,20 +175,21 @@ class Checkpointer:
     }
     if data is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data)
+    with self._write_errors(self._last_step):  # orbax would wait for it anyway
+      self._manager.wait_until_finished()
     with self._write_errors(step):
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     self._last_step = step
 
   @contextlib.contextmanager
   def _write_errors(self, step: int | None):
-    """Turns a failed write (this save's or an earlier async one's) into one clear error."""
+    """Turns a failed write of `step` into one error naming its folder."""
     try:
       yield
     except CheckpointWriteError:
       raise
     except Exception as e:  # orbax re-raises its writer thread's error at the next call
-      steps = sorted({s for s in (self._last_step, step) if s is not None})
-      where = " or ".join(str(self.directory / str(s)) for s in steps) or str(self.directory)
+      where = self.directory / str(step) if step is not None else self.directory
       raise CheckpointWriteError(f"writing checkpoint {where} failed: "
                                  f"{type(e).__name__}: {e}") from e
 
@@ -209,7 +210,7 @@ class Checkpointer:
   def wait(self) -> None:
     """Blocks until pending async saves are on disk."""
     self._finish_handoff()
-    with self._write_errors(None):
+    with self._write_errors(self._last_step):
       self._manager.wait_until_finished()
 
   def close(self) -> None:
