@@ -37,6 +37,10 @@ class CheckpointMismatch(UserError, ValueError):
   """A checkpoint's parameters do not fit the model restoring it; names the first one."""
 
 
+class CheckpointUnreadable(UserError):
+  """A checkpoint's files cannot be read (truncated, corrupt, half written)."""
+
+
 def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
   """A workdir, its checkpoints/ folder, or one step folder -> that (or the latest) step folder."""
   path = pathlib.Path(path).absolute()
@@ -146,7 +150,15 @@ def load_for_inference(path: str | pathlib.Path, mesh_spec: str = "data=-1"):
   target = jax.tree.map(
       lambda v, s: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s),
       abstract, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  pure = restore_model_pure(step_dir, nnx.to_pure_dict(target))
+  try:
+    pure = restore_model_pure(step_dir, nnx.to_pure_dict(target))
+  except CheckpointMismatch:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    inner = e.__cause__ or e
+    raise CheckpointUnreadable(f"checkpoint {step_dir} does not restore ({type(inner).__name__}: "
+                               f"{str(inner).splitlines()[0][:300]}); give an older step "
+                               f"folder of {step_dir.parent} instead") from e
   state = jax.tree.map(lambda x: x, abstract)
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state), cfg, tokenizer

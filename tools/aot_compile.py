@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import AxisType, Mesh  # noqa: E402
 
 from hat import flops, params  # noqa: E402
+from hat.cli import entry_point  # noqa: E402
 from hat.config import TrainConfig, resolve  # noqa: E402
 from hat.models import model_vocab_size  # noqa: E402
 from hat.sharding import MESH_AXES, parse_mesh_spec  # noqa: E402
@@ -363,6 +364,7 @@ def configure(config: str | None, overrides: list[str], topo: Topology,
   return cfg
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

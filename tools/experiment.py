@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from hat import config as config_lib  # noqa: E402
 from hat import flops  # noqa: E402
+from hat.cli import entry_point  # noqa: E402
 
 SCALES = {
     # name: (pretrain steps, continued-pretraining steps, robustness examples, final eval
@@ -132,6 +133,7 @@ def _plot_report(out: pathlib.Path, runs: dict, flops_per_step: dict, evals: dic
   return path
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
   """Runs every stage and writes the report."""
   p = argparse.ArgumentParser(description=__doc__,

@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from hat import flops, params  # noqa: E402
+from hat.cli import entry_point  # noqa: E402
 from hat.config import TrainConfig, resolve  # noqa: E402
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -120,6 +121,7 @@ def paper_table(mfu: float, bpw: float, bpt: float) -> list[str]:
   return rows
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

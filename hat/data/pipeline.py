@@ -131,6 +131,9 @@ class _Concat:
 def eval_spec(cfg, name_or_spec: str) -> str:
   """Resolves an eval set name from `data.eval` (or returns a spec unchanged)."""
   sets = sources_lib.parse_eval_sets(cfg.data.eval, cfg.data.train)
+  if name_or_spec not in sets and ":" not in name_or_spec and name_or_spec != "builtin":
+    raise sources_lib.SourceError(f"eval set {name_or_spec!r}: not a set of this run "
+                                  f"({', '.join(sorted(sets))}) nor a source spec")
   return sets.get(name_or_spec, name_or_spec)
 
 
