@@ -62,8 +62,9 @@ def entry_point(main: Callable[[list[str]], int | None]) -> Callable[..., int]:
   def wrapped(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)
+    saved = os.environ.get("HAT_DEBUG")
     if DEBUG_FLAG in argv:
-      os.environ["HAT_DEBUG"] = "1"  # for code that asks debug_enabled() later
+      os.environ["HAT_DEBUG"] = "1"  # for code that asks debug_enabled() during the call
       argv = [a for a in argv if a != DEBUG_FLAG]
     try:
       return int(main(argv) or 0)
@@ -71,5 +72,10 @@ def entry_point(main: Callable[[list[str]], int | None]) -> Callable[..., int]:
       if debug or user_message(e) is None:
         raise
       return report(e)
+    finally:
+      if saved is None:
+        os.environ.pop("HAT_DEBUG", None)
+      else:
+        os.environ["HAT_DEBUG"] = saved
 
   return wrapped
