@@ -177,3 +177,24 @@ def test_checkpoint_of_another_model_names_the_parameter_and_both_shapes(
   assert "parameter backbone.final_norm.scale has shape (32,) in the checkpoint, (48,)" in err[0]
   assert "strict" not in err[0]
   assert checkpoint_steps(tmp_path) == [3, 6] and _bad(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_checkpoint_to_fall_back_to(tmp_path, train_data,
+                                                                reference_run, jit_cache):
+  import numpy as np
+
+  corpus, cache = train_data
+  _copy_run(reference_run, tmp_path)
+  _truncate_latest_model_file(tmp_path, 6)
+  proc = subprocess.run(
+      [sys.executable, "launch/local.py", "--num-processes", "2", "--devices-per-process",
+       "2", "--", *train_args(tmp_path, corpus, "mesh=data=2,fsdp=2")],
+      env=train_env(1, cache, **jit_cache), cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert _bad(tmp_path) == ["6", "6.reason.txt"]
+  ref, resumed = losses(reference_run), losses(tmp_path)
+  assert sorted(resumed) == list(range(4, STEPS + 1))
+  np.testing.assert_allclose([resumed[s] for s in resumed], [ref[s] for s in resumed],
+                             rtol=2e-5)

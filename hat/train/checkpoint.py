@@ -28,7 +28,6 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from hat.cli import UserError
 from hat.config import TrainConfig, to_dict
 from hat.rundir import (CHECKPOINTS, TOKENIZER_FILE, find_checkpoint, read_run,  # noqa: F401
                         restore_item, restore_model_pure, tokenizer_from_run,
@@ -38,8 +37,12 @@ from hat.train.state import MODEL, OPTIM, StateSpec
 log = logging.getLogger(__name__)
 
 
-class CheckpointWriteError(UserError):
-  """A checkpoint could not be written (disk full, permissions); names the folder."""
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (disk full, permissions); names the folder.
+
+  The run stops (`python -m hat.train` exits 4) rather than training on without
+  checkpoints; the newest committed one is intact and the next start resumes from it.
+  """
 
 
 @dataclasses.dataclass(frozen=True)

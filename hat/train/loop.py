@@ -66,7 +66,7 @@ def make_run_mesh(cfg: TrainConfig):
   try:
     mesh = make_mesh(cfg.mesh)
   except ValueError as e:
-    raise ConfigError(f"mesh: {e}") from None
+    raise ConfigError(str(e) if str(e).startswith("mesh:") else f"mesh: {e}") from None
   dp = mesh.shape["replica"] * mesh.shape["data"] * mesh.shape["fsdp"]
   b, accum, pc = cfg.data.batch_size, cfg.optim.grad_accum, jax.process_count()
   if b % pc:
