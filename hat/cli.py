@@ -14,6 +14,7 @@ traceback: it is a bug to report, not a typo to fix. `--debug` (stripped from ar
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -29,6 +30,17 @@ _PATH_ERRNOS = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENO
 
 class UserError(Exception):
   """Something the user gave is wrong; the message says what and where, in one line."""
+
+
+@contextlib.contextmanager
+def user_input(*kinds: type[BaseException]):
+  """Inside the block, `kinds` (default ValueError) from checking user input become UserErrors."""
+  try:
+    yield
+  except UserError:
+    raise
+  except (kinds or (ValueError,)) as e:
+    raise UserError(str(e)) from e
 
 
 def debug_enabled(argv: Sequence[str] = ()) -> bool:

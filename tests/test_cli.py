@@ -152,3 +152,24 @@ def test_import_hat_keeps_jax_off_libtpu_on_a_cpu_machine():
   assert proc.stdout.strip() in ("cpu", "cuda,cpu", "rocm,cpu")
   assert "Initializing backend 'tpu'" not in proc.stderr
   assert not any(n in proc.stderr for n in TPU_NOISE)
+
+
+def test_tool_input_errors_are_one_line(capsys, tmp_path):
+  import importlib.util as iu
+
+  def tool(name):
+    spec = iu.spec_from_file_location(f"_{name}", ROOT / "tools" / f"{name}.py")
+    module = iu.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+  assert tool("plan").main(["--device", "abacus"]) == 2
+  assert "unknown device 'abacus'" in _one_error_line(capsys.readouterr().err)
+  assert tool("plot_metrics").main([str(tmp_path), "--out", str(tmp_path / "c.png")]) == 2
+  assert "no metrics.jsonl in" in _one_error_line(capsys.readouterr().err)
+  with cli.user_input():
+    pass
+  with pytest.raises(cli.UserError, match="bad topology"):
+    with cli.user_input(ValueError):
+      raise ValueError("bad topology")

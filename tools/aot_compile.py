@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import AxisType, Mesh  # noqa: E402
 
 from hat import flops, params  # noqa: E402
-from hat.cli import entry_point  # noqa: E402
+from hat.cli import entry_point, user_input  # noqa: E402
 from hat.config import TrainConfig, resolve  # noqa: E402
 from hat.models import model_vocab_size  # noqa: E402
 from hat.sharding import MESH_AXES, parse_mesh_spec  # noqa: E402
@@ -384,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
   for item in overrides:
     if not item.startswith("--config."):
       ap.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
-  topo = parse_topology(args.topology, args.num_slices)
-  cfg = configure(args.config, overrides, topo, args.per_chip_batch, args.mesh)
+  with user_input(ValueError):  # a topology, mesh or batch that does not exist
+    topo = parse_topology(args.topology, args.num_slices)
+    cfg = configure(args.config, overrides, topo, args.per_chip_batch, args.mesh)
   rep = compile_for(cfg, topo, flops_check=args.flops_check)
   rep["config"] = args.config
   rep["overrides"] = overrides

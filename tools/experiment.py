@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from hat import config as config_lib  # noqa: E402
 from hat import flops  # noqa: E402
-from hat.cli import entry_point  # noqa: E402
+from hat.cli import UserError, entry_point  # noqa: E402
 
 SCALES = {
     # name: (pretrain steps, continued-pretraining steps, robustness examples, final eval
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
   py = sys.executable
   for path in (args.en, args.de):
     if not (ROOT / path).exists() and not pathlib.Path(path).exists():
-      raise SystemExit(f"corpus not found: {path}")
+      raise UserError(f"corpus not found: {path}")
 
   # 1. Tokenizer.
   tok = out / "bpe.model"

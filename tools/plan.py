@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from hat import flops, params  # noqa: E402
-from hat.cli import entry_point  # noqa: E402
+from hat.cli import entry_point, user_input  # noqa: E402
 from hat.config import TrainConfig, resolve  # noqa: E402
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
       ap.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
   extra = list(overrides) + ([f"data.batch_size={args.batch}"] if args.batch else [])
   cfg = resolve(args.config, extra)
-  p = estimate(cfg, args.device, args.chips, args.mfu, args.train_bytes, args.bytes_per_word,
-               args.bytes_per_token)
+  with user_input(ValueError):  # an unknown --device or an --mfu out of range
+    p = estimate(cfg, args.device, args.chips, args.mfu, args.train_bytes, args.bytes_per_word,
+                 args.bytes_per_token)
   print_plan(p, cfg, args.train_bytes, args.bytes_per_word, args.bytes_per_token)
   return 0
 

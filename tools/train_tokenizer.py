@@ -21,14 +21,14 @@ from typing import Iterator
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from hat.cli import entry_point  # noqa: E402
+from hat.cli import UserError, entry_point  # noqa: E402
 from hat.text import bpe  # noqa: E402
 
 _TEXT_FEATURES = ("text", "content", "document", "article", "sentence", "body")
 
 
 def _fail(msg: str) -> None:
-  raise SystemExit(f"train_tokenizer: error: {msg}")
+  raise UserError(msg)
 
 
 def text_files(paths: list[str]) -> list[pathlib.Path]:
