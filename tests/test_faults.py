@@ -198,3 +198,36 @@ def test_two_processes_agree_on_the_checkpoint_to_fall_back_to(tmp_path, train_d
   assert sorted(resumed) == list(range(4, STEPS + 1))
   np.testing.assert_allclose([resumed[s] for s in resumed], [ref[s] for s in resumed],
                              rtol=2e-5)
+
+
+def test_a_step_another_process_cannot_restore_is_skipped_by_all(tmp_path, reference_run,
+                                                                  monkeypatch):
+  import jax
+
+  from hat.config import resolve
+  from hat.models import model_vocab_size
+  from hat.sharding import make_mesh
+  from hat.train import recovery
+  from hat.train.checkpoint import Checkpointer
+  from hat.train.state import state_spec
+  from test_train import TINY_OVERRIDES
+
+  _copy_run(reference_run, tmp_path)
+  votes = []
+
+  def all_processes(ok):  # this process restored step 6; pretend another one did not
+    votes.append(ok)
+    return ok and len(votes) > 1
+
+  monkeypatch.setattr(recovery, "_all_processes", all_processes)
+  cfg = resolve(str(ROOT / "configs" / "tiny_hat.py"), [*TINY_OVERRIDES, "mesh=data=1"])
+  mesh = make_mesh("data=1", jax.devices()[:1])
+  spec = state_spec(cfg, model_vocab_size(cfg), mesh)
+  ckpt = Checkpointer(tmp_path, keep=3)
+  try:
+    resumed = recovery.resume(ckpt, spec, None)
+  finally:
+    ckpt.close()
+  assert votes == [True, True] and resumed.step == 3
+  assert _bad(tmp_path) == ["6", "6.reason.txt"]
+  assert "another process" in (tmp_path / "bad_checkpoints" / "6.reason.txt").read_text()
