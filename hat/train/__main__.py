@@ -95,11 +95,13 @@ def main(argv: list[str]) -> int:
   """CLI entry point."""
   args, overrides = parse_args(argv)
   init_distributed(args)
-  import jax  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import jax
 
-  from hat.config import resolve  # pylint: disable=g-import-not-at-top
-  from hat.train.checkpoint import CheckpointWriteError, SaveFault  # pylint: disable=g-import-not-at-top
-  from hat.train.loop import NonFiniteError, StopFlag, train  # pylint: disable=g-import-not-at-top
+  from hat.config import resolve
+  from hat.train.checkpoint import CheckpointWriteError, SaveFault
+  from hat.train.loop import NonFiniteError, StopFlag, train
+  # pylint: enable=g-import-not-at-top
 
   primary = jax.process_index() == 0
   logging.basicConfig(level=logging.INFO if primary else logging.WARNING,
