@@ -9,7 +9,8 @@ A wrapped `main` prints `error: <what and where>` on stderr and returns `EXIT_US
 (2) for a `UserError` (config, source spec, corpus, checkpoint that does not fit, prompt,
 eval set) and for a missing or unreadable path. Every other exception keeps its
 traceback: it is a bug to report, not a typo to fix. `--debug` (stripped from argv) or
-`HAT_DEBUG=1` shows the traceback of user errors too.
+`HAT_DEBUG=1` shows the traceback of user errors too. Code that checks user input with
+plain ValueErrors (a tool's flag parser) wraps the check in `with user_input(): ...`.
 """
 
 from __future__ import annotations

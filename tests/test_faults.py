@@ -1,8 +1,10 @@
 """Fault injection: kills and write errors during saves, broken checkpoints, wrong models.
 
-Every case ends with the last good checkpoint intact and, after a resume, the losses of
-the uninterrupted reference run bit for bit. Runs are the tiny 6-step HAT of test_train;
-a persistent compilation cache shared by this module's runs keeps each restart short.
+Every fault ends with the last good checkpoint intact and, after a resume, the losses of
+the uninterrupted reference run bit for bit; the cases that must stop (no checkpoint
+restores, another model's checkpoint) stop with one line and move nothing. Runs are the
+tiny 6-step HAT of test_train; a persistent compilation cache shared by this module's
+runs keeps each restart short.
 """
 
 from __future__ import annotations
