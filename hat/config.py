@@ -18,8 +18,10 @@ from typing import Any
 
 import ml_collections
 
+from hat.cli import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
   """A config key is unknown, mistyped or inconsistent; the message names the key."""
 
 

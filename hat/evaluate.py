@@ -14,11 +14,13 @@ import json
 import pathlib
 import sys
 
+from hat.cli import entry_point
 from hat.eval.evaluate import evaluate_sets
 from hat.family import family_of
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
   """CLI entry point."""
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

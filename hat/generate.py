@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hat.cli import entry_point
 from hat.data import layout
 from hat.sampling import (ReferenceHATSampler, ReferenceTokenSampler, SampleOptions,  # noqa: F401
                           _cut_at_stop, _hit_stop, _merge_rows, _row_keys, _split_keys,
@@ -388,7 +389,8 @@ def make_sampler(model, cfg, tokenizer=None, *, cached: bool = True):
   return (TokenSampler if cached else ReferenceTokenSampler)(model, cfg, tokenizer)
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
   """CLI: load the latest checkpoint of a run and print continuations of the prompts."""
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hat.cli import entry_point
 from hat.eval.perturb import PAPER_PERTURBATIONS, PERTURBATIONS
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str]) -> int:
   """CLI entry point."""
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,10 +22,23 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from hat.cli import UserError
 from hat.config import TrainConfig, from_config_dict, to_dict
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER_FILE = "tokenizer.model"
+
+
+class NoCheckpoint(UserError, FileNotFoundError):
+  """A path holds no checkpoint."""
+
+
+class CheckpointMismatch(UserError, ValueError):
+  """A checkpoint's parameters do not fit the model restoring it; names the first one."""
+
+
+class CheckpointUnreadable(UserError):
+  """A checkpoint's files cannot be read (truncated, corrupt, half written)."""
 
 
 def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
@@ -38,7 +51,7 @@ def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
   steps = sorted((int(p.name) for p in path.glob("*") if p.name.isdigit()
                   and (p / "model").is_dir()), reverse=True)
   if not steps:
-    raise FileNotFoundError(f"no checkpoint under {path}")
+    raise NoCheckpoint(f"no checkpoint under {path}")
   return path / str(steps[0])
 
 
@@ -71,14 +84,51 @@ def tokenizer_from_run(run: dict, cfg: TrainConfig, where: pathlib.Path) -> Any:
   return family_of(cfg).load_tokenizer(cfg, stored)
 
 
+def _key_name(path) -> str:
+  return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def check_fits(item: str | pathlib.Path, target: dict) -> None:
+  """Raises CheckpointMismatch naming the first parameter whose name or shape differs.
+
+  Reads only the item's metadata. Orbax's own error for a shape mismatch advises
+  `strict=False`, which would silently truncate or pad the weights.
+  """
+  meta = ocp.StandardCheckpointHandler().metadata(pathlib.Path(item))
+  saved = {_key_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(
+      meta, is_leaf=lambda x: hasattr(x, "shape"))[0]}
+  wanted = {_key_name(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+  for name, shape in wanted.items():
+    if name not in saved:
+      raise CheckpointMismatch(f"checkpoint {item} does not fit this model: parameter {name} "
+                               f"{shape} is not in the checkpoint (different model config?)")
+    if saved[name] != shape:
+      raise CheckpointMismatch(f"checkpoint {item} does not fit this model: parameter {name} "
+                               f"has shape {saved[name]} in the checkpoint, {shape} in the "
+                               f"model (different model config?)")
+  extra = [name for name in saved if name not in wanted]
+  if extra:
+    raise CheckpointMismatch(f"checkpoint {item} does not fit this model: parameter {extra[0]} "
+                             f"{saved[extra[0]]} of the checkpoint is not in the model "
+                             f"(different model config?)")
+
+
+def restore_item(item: str | pathlib.Path, target: dict) -> dict:
+  """One orbax item (a pure dict of arrays) onto `target`'s shapes and shardings.
+
+  Uses the handler, not a Checkpointer: the latter ends with a barrier of all processes,
+  which hangs the others when one process fails to read its shards (see
+  hat.train.recovery, which decides on the step together).
+  """
+  item = pathlib.Path(item)
+  check_fits(item, target)
+  return ocp.StandardCheckpointHandler().restore(item, args=ocp.args.StandardRestore(target))
+
+
 def restore_model_pure(step_dir: str | pathlib.Path, abstract_pure: dict) -> dict:
   """The `model` item of a step folder as a pure dict, onto `abstract_pure`'s shardings."""
-  item = pathlib.Path(step_dir) / "model"
-  try:
-    return ocp.StandardCheckpointer().restore(item, abstract_pure)
-  except (ValueError, KeyError) as e:
-    raise ValueError(f"checkpoint {item} does not fit this run's model "
-                     f"(different model config?): {e}") from None
+  return restore_item(pathlib.Path(step_dir) / "model", abstract_pure)
 
 
 def load_for_inference(path: str | pathlib.Path, mesh_spec: str = "data=-1"):
@@ -100,7 +150,15 @@ def load_for_inference(path: str | pathlib.Path, mesh_spec: str = "data=-1"):
   target = jax.tree.map(
       lambda v, s: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s),
       abstract, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  pure = restore_model_pure(step_dir, nnx.to_pure_dict(target))
+  try:
+    pure = restore_model_pure(step_dir, nnx.to_pure_dict(target))
+  except CheckpointMismatch:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    inner = e.__cause__ or e
+    raise CheckpointUnreadable(f"checkpoint {step_dir} does not restore ({type(inner).__name__}: "
+                               f"{str(inner).splitlines()[0][:300]}); give an older step "
+                               f"folder of {step_dir.parent} instead") from e
   state = jax.tree.map(lambda x: x, abstract)
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state), cfg, tokenizer

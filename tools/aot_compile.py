@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import AxisType, Mesh  # noqa: E402
 
 from hat import flops, params  # noqa: E402
+from hat.cli import entry_point, user_input  # noqa: E402
 from hat.config import TrainConfig, resolve  # noqa: E402
 from hat.family import family_of  # noqa: E402
 from hat.models import model_vocab_size  # noqa: E402
@@ -359,6 +360,7 @@ def configure(config: str | None, overrides: list[str], topo: Topology,
   return cfg
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -378,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
   for item in overrides:
     if not item.startswith("--config."):
       ap.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
-  topo = parse_topology(args.topology, args.num_slices)
-  cfg = configure(args.config, overrides, topo, args.per_chip_batch, args.mesh)
+  with user_input(ValueError):  # a topology, mesh or batch that does not exist
+    topo = parse_topology(args.topology, args.num_slices)
+    cfg = configure(args.config, overrides, topo, args.per_chip_batch, args.mesh)
   rep = compile_for(cfg, topo, flops_check=args.flops_check)
   rep["config"] = args.config
   rep["overrides"] = overrides

@@ -24,6 +24,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from hat import config as config_lib  # noqa: E402
+from hat.cli import entry_point  # noqa: E402
 from hat.data import pipeline, sources  # noqa: E402
 from hat.text.splitter import Splitter  # noqa: E402
 
@@ -106,6 +107,7 @@ def markdown(results: list[dict]) -> str:
   return "\n".join(lines)
 
 
+@entry_point
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("paths", nargs="*",
@@ -148,4 +150,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

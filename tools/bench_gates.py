@@ -27,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from hat.cli import entry_point  # noqa: E402
 from hat.config import resolve  # noqa: E402
 from hat.data import pipeline  # noqa: E402
 from hat.family import family_of  # noqa: E402
@@ -195,6 +196,7 @@ def generation_stats(model, cfg, n_bytes: int):
           "gen_kv_per_layer": lens, "sample": out.decode("utf-8", "replace")[:60]}
 
 
+@entry_point
 def main(argv=None) -> int:
   """CLI: train every variant, print a JSON line per model and a markdown table."""
   ap = argparse.ArgumentParser(description=__doc__,

@@ -28,6 +28,7 @@ import jax  # noqa: E402  pylint: disable=wrong-import-position
 from flax import nnx  # noqa: E402
 
 from hat import config as C  # noqa: E402
+from hat.cli import entry_point  # noqa: E402
 from hat.generate import SampleOptions, make_sampler  # noqa: E402
 from hat.models import build_model  # noqa: E402
 from hat.text.codec import W_ID  # noqa: E402
@@ -88,6 +89,7 @@ def _time(sampler, batch: int, new_bytes: int, opts: SampleOptions) -> dict:
           "words": calls["words"] if word_fn is not None else None}
 
 
+@entry_point
 def main(argv=None) -> int:
   """Runs the benchmark and prints a markdown table; writes JSON with --out."""
   ap = argparse.ArgumentParser(description=__doc__,

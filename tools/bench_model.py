@@ -24,11 +24,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hat import flops  # noqa: E402
+from hat.cli import entry_point  # noqa: E402
 from hat.config import load_config_file, from_config_dict  # noqa: E402
 from hat.data.pipeline import batch_stats, summarize_stats  # noqa: E402
 from hat.train.bench import ROOT, bpe_tokenizer, time_model  # noqa: E402
 
 
+@entry_point
 def main(argv=None) -> int:
   """CLI entry point."""
   p = argparse.ArgumentParser(description=__doc__,

@@ -23,9 +23,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
+from hat.cli import entry_point  # noqa: E402
 from hat.train.bench import bpe_tokenizer, time_model  # noqa: E402
 
 
+@entry_point
 def main(argv=None) -> int:
   """CLI entry point."""
   p = argparse.ArgumentParser(description=__doc__,

@@ -17,6 +17,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from hat import flops, params  # noqa: E402
+from hat.cli import entry_point  # noqa: E402
 from hat.config import from_config_dict, load_config_file  # noqa: E402
 from hat.family import family_of  # noqa: E402
 
@@ -34,6 +35,7 @@ def _describe(name: str, cfg, vocab_size: int | None, bpw: float, bpt: float) ->
   return fpb["total"]
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

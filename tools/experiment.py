@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from hat import config as config_lib  # noqa: E402
 from hat import flops  # noqa: E402
+from hat.cli import UserError, entry_point  # noqa: E402
 
 SCALES = {
     # name: (pretrain steps, continued-pretraining steps, robustness examples, final eval
@@ -132,6 +133,7 @@ def _plot_report(out: pathlib.Path, runs: dict, flops_per_step: dict, evals: dic
   return path
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
   """Runs every stage and writes the report."""
   p = argparse.ArgumentParser(description=__doc__,
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
   py = sys.executable
   for path in (args.en, args.de):
     if not (ROOT / path).exists() and not pathlib.Path(path).exists():
-      raise SystemExit(f"corpus not found: {path}")
+      raise UserError(f"corpus not found: {path}")
 
   # 1. Tokenizer.
   tok = out / "bpe.model"

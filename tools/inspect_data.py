@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from hat import config as config_lib  # noqa: E402
+from hat.cli import entry_point  # noqa: E402
 from hat.data import pipeline  # noqa: E402
 from hat.family import family_of  # noqa: E402
 from hat.text import codec  # noqa: E402
@@ -78,6 +79,7 @@ def parse_args(argv):
   return args, rest
 
 
+@entry_point
 def main(argv=None) -> None:
   args, overrides = parse_args(argv)
   if args.source:
@@ -109,4 +111,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

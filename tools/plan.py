@@ -21,6 +21,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from hat import flops, params  # noqa: E402
+from hat.cli import entry_point, user_input  # noqa: E402
 from hat.family import family_of  # noqa: E402
 from hat.config import TrainConfig, resolve  # noqa: E402
 
@@ -120,6 +121,7 @@ def paper_table(mfu: float, bpw: float, bpt: float) -> list[str]:
   return rows
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -142,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
       ap.error(f"unrecognised argument {item!r} (overrides look like --config.key=value)")
   extra = list(overrides) + ([f"data.batch_size={args.batch}"] if args.batch else [])
   cfg = resolve(args.config, extra)
-  p = estimate(cfg, args.device, args.chips, args.mfu, args.train_bytes, args.bytes_per_word,
-               args.bytes_per_token)
+  with user_input(ValueError):  # an unknown --device or an --mfu out of range
+    p = estimate(cfg, args.device, args.chips, args.mfu, args.train_bytes, args.bytes_per_word,
+                 args.bytes_per_token)
   print_plan(p, cfg, args.train_bytes, args.bytes_per_word, args.bytes_per_token)
   return 0
 

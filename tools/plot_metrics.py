@@ -15,12 +15,16 @@ import json
 import pathlib
 import sys
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from hat.cli import UserError, entry_point  # noqa: E402
+
 
 def load(run: pathlib.Path) -> list[dict]:
   """The run's metrics records (a resumed run's later records win per step and key)."""
   path = run / "metrics.jsonl"
   if not path.exists():
-    raise SystemExit(f"no metrics.jsonl in {run}")
+    raise UserError(f"no metrics.jsonl in {run}")
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -38,6 +42,7 @@ def bytes_per_step(run: pathlib.Path) -> float:
   return float(cfg["data"]["window_bytes"] * cfg["data"]["batch_size"])
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point."""
   p = argparse.ArgumentParser(description=__doc__,

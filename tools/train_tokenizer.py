@@ -21,13 +21,14 @@ from typing import Iterator
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from hat.cli import UserError, entry_point  # noqa: E402
 from hat.text import bpe  # noqa: E402
 
 _TEXT_FEATURES = ("text", "content", "document", "article", "sentence", "body")
 
 
 def _fail(msg: str) -> None:
-  raise SystemExit(f"train_tokenizer: error: {msg}")
+  raise UserError(msg)
 
 
 def text_files(paths: list[str]) -> list[pathlib.Path]:
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
   """Trains, writes the model and prints vocab size, bytes/token and time."""
   args = build_parser().parse_args(argv)

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from hat.cli import UserError
 from hat.text.codec import PAD_ID, S_ID, W_ID
 
 _START, _WORD, _END = 0, 1, 2
@@ -26,7 +27,7 @@ class Segment:
   ends_doc: bool  # the document ends inside this window (an END unit / EOS follows)
 
 
-class CapacityError(ValueError):
+class CapacityError(UserError, ValueError):
   """A window does not fit the layout's capacity and the overflow policy is "error"."""
 
 

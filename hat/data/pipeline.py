@@ -88,8 +88,8 @@ def make_train_dataset(cfg, tokenizer=None, *, process_index: int | None = None,
     src = sources_lib.open_from_config(cfg.data, spec, "train")
     ds = grain.MapDataset.source(src)[pi::pc]  # each process reads a disjoint shard
     if len(ds) == 0:
-      raise ValueError(f"{spec}: {len(src)} training documents cannot feed shard {pi} of "
-                       f"{pc} processes")
+      raise sources_lib.SourceError(f"{spec}: {len(src)} training documents cannot feed "
+                                    f"shard {pi} of {pc} processes")
     # Distinct seeds: equally long sources would otherwise be shuffled alike.
     parts.append(ds.seed(cfg.data.seed + 7919 * i).shuffle().repeat())
   if len(parts) == 1:
@@ -131,6 +131,9 @@ class _Concat:
 def eval_spec(cfg, name_or_spec: str) -> str:
   """Resolves an eval set name from `data.eval` (or returns a spec unchanged)."""
   sets = sources_lib.parse_eval_sets(cfg.data.eval, cfg.data.train)
+  if name_or_spec not in sets and ":" not in name_or_spec and name_or_spec != "builtin":
+    raise sources_lib.SourceError(f"eval set {name_or_spec!r}: not a set of this run "
+                                  f"({', '.join(sorted(sets))}) nor a source spec")
   return sets.get(name_or_spec, name_or_spec)
 
 

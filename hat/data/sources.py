@@ -21,6 +21,7 @@ import os
 import pathlib
 import re
 
+from hat.cli import UserError
 from hat.data import builtin as builtin_lib
 from hat.data import tfds_text
 
@@ -29,7 +30,7 @@ _TFDS_SPEC = re.compile(r"^(?P<name>[^:\[\]]+(?::\d+(?:\.\d+)*)?)(?::(?P<split>.
 _TEXT_FEATURES = ("text", "content", "document", "article", "sentence", "body")
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
   """A source spec is malformed or names something that cannot be read."""
 
 

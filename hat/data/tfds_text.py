@@ -28,6 +28,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from hat.cli import UserError
+
 log = logging.getLogger(__name__)
 
 NAME = "hat_text"
@@ -42,7 +44,7 @@ _BLANK_LINES = re.compile(rb"\r?\n(?:[ \t\f\v]*\r?\n)+")
 MAX_BLOCK_BYTES = 1 << 16
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
   """A text corpus is missing, empty or unusable; the message names the path."""
 
 

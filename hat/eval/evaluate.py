@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hat.cli import UserError
 from hat.models.losses import derived_metrics, metrics_from_logits
 
 
@@ -37,7 +38,7 @@ def evaluate_batches(step: Callable[[dict], dict], batches: Iterable[dict]) -> d
   """Runs `step` over batches, adding the summed metrics on the host at the end."""
   pending = [step({k: jnp.asarray(v) for k, v in b.items()}) for b in batches]
   if not pending:
-    raise ValueError("evaluation set produced no batches")
+    raise UserError("evaluation set produced no batches (is it empty?)")
   sums = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(pending))
   return summarize(sums)
 

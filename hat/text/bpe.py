@@ -15,6 +15,7 @@ of at most `chunk_chars` characters, so pieces may span line ends and blank line
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pathlib
@@ -113,7 +114,7 @@ class BPETokenizer:
     """Loads a `.model` file written by `train_bpe`."""
     path = pathlib.Path(path)
     if not path.is_file():
-      raise FileNotFoundError(f"BPE model not found: {path}")
+      raise FileNotFoundError(errno.ENOENT, "BPE model not found", str(path))
     return cls(path.read_bytes())
 
   @classmethod

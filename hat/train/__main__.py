@@ -16,9 +16,17 @@ Several processes (multi-host): every process runs the same command.
       HAT_PROCESS_ID). With JAX_PLATFORMS=cpu the CPU collectives use gloo.
   launch/local.py starts N local CPU processes this way.
 
+A checkpoint that does not restore (truncated, corrupt, half written) is moved to
+<workdir>/bad_checkpoints/ and the run resumes from the newest one that does; if none
+does, it stops and moves nothing.
+
 Test hooks (environment): HAT_INJECT_NAN_AT_STEP=k makes the loss of step k NaN;
-HAT_DEBUG_STEP_DELAY_S=x sleeps x seconds after every step.
-Exit status: 0 done or preempted, 2 bad config, 3 non-finite loss.
+HAT_DEBUG_STEP_DELAY_S=x sleeps x seconds after every step; HAT_FAULT_SAVE_STEP=k with
+HAT_FAULT_SAVE_DELAY_S=x and/or HAT_FAULT_SAVE_ERRNO=ENOSPC stalls or fails the
+checkpoint write of step k.
+Exit status: 0 done or preempted; 2 user error (config, data path, source, a checkpoint
+of another model or none that restores), printed as one `error:` line (HAT_DEBUG=1 or
+--debug for the traceback); 3 non-finite loss; 4 a checkpoint could not be written.
 """
 
 from __future__ import annotations
@@ -27,6 +35,11 @@ import argparse
 import logging
 import os
 import sys
+
+from hat.cli import debug_enabled, entry_point
+
+EXIT_NON_FINITE = 3
+EXIT_WRITE_FAILED = 4
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -71,20 +84,32 @@ def init_distributed(args: argparse.Namespace) -> None:
     jax.distributed.initialize()
 
 
-def main(argv: list[str] | None = None) -> int:
-  """CLI entry point."""
-  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-  init_distributed(args)
-  import jax  # pylint: disable=g-import-not-at-top
+def _drop_orbax_writer_traceback(record: logging.LogRecord) -> bool:
+  """Orbax logs its writer thread's exception with a traceback, then re-raises it to the
+  trainer, which reports it as one CheckpointWriteError line naming the folder."""
+  return not (record.exc_info and "orbax" in record.pathname and "futures" in record.pathname)
 
-  from hat.config import ConfigError, resolve  # pylint: disable=g-import-not-at-top
-  from hat.train.loop import NonFiniteError, StopFlag, train  # pylint: disable=g-import-not-at-top
+
+@entry_point
+def main(argv: list[str]) -> int:
+  """CLI entry point."""
+  args, overrides = parse_args(argv)
+  init_distributed(args)
+  # pylint: disable=g-import-not-at-top
+  import jax
+
+  from hat.config import resolve
+  from hat.train.checkpoint import CheckpointWriteError, SaveFault
+  from hat.train.loop import NonFiniteError, StopFlag, train
+  # pylint: enable=g-import-not-at-top
 
   primary = jax.process_index() == 0
   logging.basicConfig(level=logging.INFO if primary else logging.WARNING,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if not debug_enabled():
+    logging.getLogger("absl").addFilter(_drop_orbax_writer_traceback)
   stop = StopFlag()
   stop.install()
   inject = _env_int("HAT_INJECT_NAN_AT_STEP")
@@ -92,13 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve(args.config, overrides)
     delay = float(os.environ.get("HAT_DEBUG_STEP_DELAY_S") or 0.0)
     result = train(cfg, args.workdir, inject_nan_at_step=inject, stop=stop,
-                   progress=not args.no_progress, step_delay_s=delay)
-  except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr, flush=True)
-    return 2
+                   progress=not args.no_progress, step_delay_s=delay,
+                   save_fault=SaveFault.from_env())
   except NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
-    return 3
+    return EXIT_NON_FINITE
+  except CheckpointWriteError as e:
+    if debug_enabled():
+      raise
+    # Not the user's typo, but nothing to debug either: the folder and the OS error say it.
+    print(f"error: {e}; the newest committed checkpoint is intact: restart to resume "
+          f"from it", file=sys.stderr, flush=True)
+    return EXIT_WRITE_FAILED
   if primary:
     print(f"{result.status} at step {result.step}", flush=True)
   return 0

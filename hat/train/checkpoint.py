@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
+import dataclasses
+import errno
 import json
 import logging
+import os
 import pathlib
+import time
 from typing import Any
 
 import grain
@@ -25,20 +30,56 @@ from flax import nnx
 
 from hat.config import TrainConfig, to_dict
 from hat.rundir import (CHECKPOINTS, TOKENIZER_FILE, find_checkpoint, read_run,  # noqa: F401
-                        restore_model_pure, tokenizer_from_run, write_run_files)
+                        restore_item, restore_model_pure, tokenizer_from_run,
+                        write_run_files)
 from hat.train.state import MODEL, OPTIM, StateSpec
 
 log = logging.getLogger(__name__)
 
 
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written (disk full, permissions); names the folder.
+
+  The run stops (`python -m hat.train` exits 4) rather than training on without
+  checkpoints; the newest committed one is intact and the next start resumes from it.
+  """
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveFault:
+  """Test hook: the save at `step` stalls `delay_s` seconds and/or fails with `error`.
+
+  Both happen inside orbax's writer (while it writes the `data` item), so the step's
+  folder is half written: what a preemption or a full disk leaves behind.
+  """
+
+  step: int
+  delay_s: float = 0.0
+  error: int = 0  # an errno, e.g. errno.ENOSPC; 0 = no error
+
+  @classmethod
+  def from_env(cls) -> SaveFault | None:
+    """HAT_FAULT_SAVE_STEP=k with HAT_FAULT_SAVE_DELAY_S=x and/or HAT_FAULT_SAVE_ERRNO=name."""
+    step = os.environ.get("HAT_FAULT_SAVE_STEP")
+    if not step:
+      return None
+    name = os.environ.get("HAT_FAULT_SAVE_ERRNO", "")
+    return cls(int(step), float(os.environ.get("HAT_FAULT_SAVE_DELAY_S") or 0.0),
+               getattr(errno, name) if name else 0)
+
 
 class _FrozenIteratorState:
   """An iterator state captured now, saved later by grain's orbax handler."""
 
-  def __init__(self, iterator: Any):
+  def __init__(self, iterator: Any, fault: SaveFault | None = None, where: str = ""):
     self._state = json.dumps(iterator.get_state()).encode()
+    self._fault, self._where = fault, where
 
   def get_state(self) -> bytes:
+    if self._fault is not None:  # called by orbax's writer thread, mid-save
+      time.sleep(self._fault.delay_s)
+      if self._fault.error:
+        raise OSError(self._fault.error, os.strerror(self._fault.error), self._where)
     return self._state
 
 
@@ -80,8 +121,11 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str | pathlib.Path, *, keep: int, tokenizer: Any = None,
-               host_copy: bool = True, background: bool | None = None):
+               host_copy: bool = True, background: bool | None = None,
+               fault: SaveFault | None = None):
     self.host_copy = host_copy  # False: hand orbax the jax arrays (see _host_copy)
+    self._fault = fault
+    self._last_step: int | None = None  # newest step handed to orbax
     if background is None:
       background = jax.process_count() == 1
     self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
@@ -99,6 +143,11 @@ class Checkpointer:
     self._finish_handoff()
     return self._manager.latest_step()
 
+  def steps(self) -> list[int]:
+    """Steps of the committed checkpoints, as on disk now."""
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state: nnx.State, data_iterator: Any, cfg: TrainConfig, *,
            extra: dict | None = None) -> None:
     """Starts an async save of `state` at `step`; returns before anything is written.
@@ -109,7 +158,9 @@ class Checkpointer:
            "process_count": jax.process_count(), **(extra or {})}
     model = nnx.to_pure_dict(state[MODEL])
     optimizer = nnx.to_pure_dict(state[OPTIM])
-    data = _FrozenIteratorState(data_iterator) if data_iterator is not None else None
+    fault = self._fault if self._fault is not None and self._fault.step == step else None
+    data = (_FrozenIteratorState(data_iterator, fault, str(self.directory / str(step) / "data"))
+            if data_iterator is not None else None)
     self._finish_handoff()  # one hand-off at a time; raises a failed one's error
     if self._pool is None:
       self._hand_to_orbax(step, model, optimizer, run, data)
@@ -127,7 +178,23 @@ class Checkpointer:
     }
     if data is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    with self._write_errors(self._last_step):  # orbax would wait for it anyway
+      self._manager.wait_until_finished()
+    with self._write_errors(step):
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._last_step = step
+
+  @contextlib.contextmanager
+  def _write_errors(self, step: int | None):
+    """Turns a failed write of `step` into one error naming its folder."""
+    try:
+      yield
+    except CheckpointWriteError:
+      raise
+    except Exception as e:  # orbax re-raises its writer thread's error at the next call
+      where = self.directory / str(step) if step is not None else self.directory
+      raise CheckpointWriteError(f"writing checkpoint {where} failed: "
+                                 f"{type(e).__name__}: {e}") from e
 
   def _finish_handoff(self) -> None:
     if self._handoff is not None:
@@ -146,7 +213,8 @@ class Checkpointer:
   def wait(self) -> None:
     """Blocks until pending async saves are on disk."""
     self._finish_handoff()
-    self._manager.wait_until_finished()
+    with self._write_errors(self._last_step):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending saves and releases the manager."""
@@ -182,17 +250,9 @@ def restore_pure(step_dir: str | pathlib.Path, spec: StateSpec, *,
                  with_optimizer: bool) -> dict:
   """{MODEL: params[, OPTIM: optimizer]} as pure dicts of arrays on `spec`'s shardings."""
   step_dir = pathlib.Path(step_dir)
-  checkpointer = ocp.StandardCheckpointer()
   halves = {MODEL: "model", OPTIM: "optimizer"} if with_optimizer else {MODEL: "model"}
-  out = {}
-  for key, item in halves.items():
-    target = nnx.to_pure_dict(spec.abstract[key])
-    try:
-      out[key] = checkpointer.restore(step_dir / item, target)
-    except (ValueError, KeyError) as e:
-      raise ValueError(f"checkpoint {step_dir / item} does not fit this run's model "
-                       f"(different model config?): {e}") from None
-  return out
+  return {key: restore_item(step_dir / item, nnx.to_pure_dict(spec.abstract[key]))
+          for key, item in halves.items()}
 
 
 def restore_state(step_dir: str | pathlib.Path, spec: StateSpec, *,

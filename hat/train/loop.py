@@ -31,6 +31,7 @@ from hat.models import gates, model_vocab_size
 from hat.sharding import make_mesh
 from hat.train import checkpoint as ckpt_lib
 from hat.train import metrics as metrics_lib
+from hat.train import recovery
 from hat.train.state import MODEL, OPTIM, init_state, model_from_state, state_spec
 from hat.train.step import make_eval_step, make_train_step
 
@@ -66,7 +67,7 @@ def make_run_mesh(cfg: TrainConfig):
   try:
     mesh = make_mesh(cfg.mesh)
   except ValueError as e:
-    raise ConfigError(f"mesh: {e}") from None
+    raise ConfigError(str(e) if str(e).startswith("mesh:") else f"mesh: {e}") from None
   dp = mesh.shape["replica"] * mesh.shape["data"] * mesh.shape["fsdp"]
   b, accum, pc = cfg.data.batch_size, cfg.optim.grad_accum, jax.process_count()
   if b % pc:
@@ -81,15 +82,14 @@ def make_run_mesh(cfg: TrainConfig):
 
 
 def _initial_state(cfg, spec, mesh, vocab_size, ckpt, data_iter, controller=None):
-  """Resume from the workdir, else start from `init_from`, else from scratch."""
-  latest = ckpt.latest_step()
-  if latest is not None:
-    log.info("resuming from step %d", latest)
-    state = ckpt.restore(latest, spec, data_iter, any_process_data=cfg.global_data_stream)
-    saved = ckpt_lib.read_run(ckpt.directory / str(latest)).get("gate_controller")
+  """Resume from the workdir's newest good checkpoint, else `init_from`, else scratch."""
+  resumed = recovery.resume(ckpt, spec, data_iter, any_process_data=cfg.global_data_stream)
+  if resumed is not None:
+    log.info("resumed from step %d", resumed.step)
+    saved = resumed.run.get("gate_controller")
     if controller is not None and saved:
       controller.load_state_dict(saved)
-    return state, latest
+    return resumed.state, resumed.step
   if not cfg.init_from:
     return init_state(cfg, vocab_size, mesh, spec), 0
   step_dir = ckpt_lib.find_checkpoint(cfg.init_from)
@@ -145,11 +145,13 @@ def _any_process(flag: bool) -> bool:
 
 def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
           inject_nan_at_step: int | None = None, stop: StopFlag | None = None,
-          progress: bool = True, step_delay_s: float = 0.0) -> Result:
-  """Trains `cfg` in `workdir`, resuming from its newest checkpoint if there is one.
+          progress: bool = True, step_delay_s: float = 0.0,
+          save_fault: ckpt_lib.SaveFault | None = None) -> Result:
+  """Trains `cfg` in `workdir`, resuming from its newest good checkpoint if there is one.
 
-  `inject_nan_at_step` and `step_delay_s` are test hooks: a NaN loss at that step, and a
-  host sleep after every step (so a test can interrupt a tiny run mid-way).
+  `inject_nan_at_step`, `step_delay_s` and `save_fault` are test hooks: a NaN loss at
+  that step, a host sleep after every step (so a test can interrupt a tiny run mid-way),
+  a stalled or failing checkpoint write.
   """
   workdir = pathlib.Path(workdir)
   primary = jax.process_index() == 0
@@ -160,7 +162,8 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
   if primary:
     ckpt_lib.write_run_files(workdir, cfg, tokenizer)
   spec = state_spec(cfg, vocab_size, mesh)
-  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints, tokenizer=tokenizer)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints, tokenizer=tokenizer,
+                               fault=save_fault)
   data_iter = _train_iterator(cfg, tokenizer)
   # A gate's regulariser weight alpha: set on the host each step, saved with checkpoints.
   controller = family_of(cfg).make_controller(cfg)
@@ -262,10 +265,21 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
   finally:
     bar.close()
     writer.close()
-    ckpt.close()
+    if sys.exc_info()[0] is None:
+      ckpt.close()
+    else:
+      _close_after_error(ckpt)
   if status == "done" and primary and cfg.sample_bytes > 0 and jax.process_count() == 1:
     _print_sample(cfg, spec, state, tokenizer)
   return Result(step, status, eval_results)
+
+
+def _close_after_error(ckpt) -> None:
+  """Closes the checkpointer without hiding the error that is stopping the run."""
+  try:
+    ckpt.close()
+  except ckpt_lib.CheckpointWriteError as e:
+    log.debug("while closing the checkpointer: %s", e)  # usually the error in flight
 
 
 def _print_sample(cfg, spec, state, tokenizer) -> None:
