@@ -1,4 +1,7 @@
-"""The user-facing evaluation commands on a freshly trained tiny run."""
+"""The evaluation commands as subprocesses on a freshly trained tiny run.
+
+Generation and robustness for every family run in-process in test_families.py.
+"""
 
 from __future__ import annotations
 
@@ -40,18 +43,6 @@ def test_evaluate_named_and_adhoc_sets(trained, tmp_path):
   assert 0 < res["en_val"]["bpb"] < 12 and 0 <= res["en_val"]["word_acc"] <= 1
   assert "en_val" in out and "bpb" in out
 
-
-def test_generate_and_robustness_commands(trained, tmp_path):
-  run, corpus, cache = trained
-  out = _cli(["-m", "hat.generate", "--workdir", str(run), "--prompt", "the quick bro",
-              "--max-new-bytes", "20", "--temperature", "0"], cache)
-  assert "the quick bro" in out
-  _cli(["-m", "hat.robustness", "--run", f"hat={run}", "--eval", "en_val", "--examples",
-        "3", "--context-bytes", "60", "--continuation-bytes", "30", "--rates", "0,0.2",
-        "--perturbations", "permute,all_caps", "--out", str(tmp_path / "rob")], cache)
-  data = json.loads((tmp_path / "rob" / "robustness.json").read_text())
-  assert set(data["results"]["hat"]) == {"permute", "all_caps"}
-  assert (tmp_path / "rob" / "robustness.png").exists()
 
 
 def test_plot_metrics(trained, tmp_path):
