@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 
+from hat import storage
 from hat.eval.evaluate import evaluate_sets
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
   for name, r in results.items():
     wa = f"{r['word_acc']:.4f}" if "word_acc" in r else "-"
     print(f"{name:<16} {r['bpb']:>8.4f} {r['nll']:>8.4f} {wa:>9} {int(r['bytes']):>12}")
-  out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "eval.json")
+  out = storage.path(args.out) if args.out else storage.path(args.workdir) / "eval.json"
   out.write_text(json.dumps({"workdir": args.workdir, "kind": cfg.model.kind,
                              "results": results}, indent=2))
   print(f"wrote {out}")

@@ -15,41 +15,44 @@ from __future__ import annotations
 
 import base64
 import json
-import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from hat import storage
 from hat.config import TrainConfig, from_config_dict, to_dict
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
+def find_checkpoint(path: storage.PathLike) -> storage.Path:
   """A workdir, its checkpoints/ folder, or one step folder -> that (or the latest) step folder."""
-  path = pathlib.Path(path).absolute()
+  path = storage.path(path)
   if (path / "model").is_dir():
     return path
   if (path / CHECKPOINTS).is_dir():
     path = path / CHECKPOINTS
+  # On object stores a step folder fills in place and is complete once orbax writes its
+  # commit marker: an interrupted save must not be picked.
   steps = sorted((int(p.name) for p in path.glob("*") if p.name.isdigit()
-                  and (p / "model").is_dir()), reverse=True)
+                  and (p / "model").is_dir() and ocp.step.is_path_finalized(p)),
+                 reverse=True)
   if not steps:
     raise FileNotFoundError(f"no checkpoint under {path}")
   return path / str(steps[0])
 
 
-def read_run(step_dir: str | pathlib.Path) -> dict:
+def read_run(step_dir: storage.PathLike) -> dict:
   """The `run` JSON of a step folder (config, tokenizer model, step)."""
-  return json.loads((pathlib.Path(step_dir) / "run" / "metadata").read_text())
+  return json.loads((storage.path(step_dir) / "run" / "metadata").read_text())
 
 
-def write_run_files(workdir: str | pathlib.Path, cfg: TrainConfig, tokenizer: Any) -> None:
+def write_run_files(workdir: storage.PathLike, cfg: TrainConfig, tokenizer: Any) -> None:
   """config.json (and tokenizer.model) in the workdir; call on process 0 only."""
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
   proto = getattr(tokenizer, "model_proto", b"") or b""
@@ -57,12 +60,12 @@ def write_run_files(workdir: str | pathlib.Path, cfg: TrainConfig, tokenizer: An
     (workdir / TOKENIZER_FILE).write_bytes(proto)
 
 
-def tokenizer_from_run(run: dict, cfg: TrainConfig, where: pathlib.Path) -> Any:
+def tokenizer_from_run(run: dict, cfg: TrainConfig, where: storage.PathLike) -> Any:
   """The run's tokenizer: its stored SentencePiece model, the byte tokenizer, or None."""
   from hat.family import family_of  # pylint: disable=g-import-not-at-top
 
   stored = None
-  path = pathlib.Path(where) / TOKENIZER_FILE
+  path = storage.path(where) / TOKENIZER_FILE
   if path.exists():
     stored = path.read_bytes()
   elif run.get("tokenizer_model"):
@@ -71,9 +74,9 @@ def tokenizer_from_run(run: dict, cfg: TrainConfig, where: pathlib.Path) -> Any:
   return family_of(cfg).load_tokenizer(cfg, stored)
 
 
-def restore_model_pure(step_dir: str | pathlib.Path, abstract_pure: dict) -> dict:
+def restore_model_pure(step_dir: storage.PathLike, abstract_pure: dict) -> dict:
   """The `model` item of a step folder as a pure dict, onto `abstract_pure`'s shardings."""
-  item = pathlib.Path(step_dir) / "model"
+  item = storage.path(step_dir) / "model"
   try:
     return ocp.StandardCheckpointer().restore(item, abstract_pure)
   except (ValueError, KeyError) as e:
@@ -81,7 +84,7 @@ def restore_model_pure(step_dir: str | pathlib.Path, abstract_pure: dict) -> dic
                      f"(different model config?): {e}") from None
 
 
-def load_for_inference(path: str | pathlib.Path, mesh_spec: str = "data=-1"):
+def load_for_inference(path: storage.PathLike, mesh_spec: str = "data=-1"):
   """(model, cfg, tokenizer) from a workdir or checkpoint folder, on the local devices."""
   from hat.family import family_of  # pylint: disable=g-import-not-at-top
   from hat.sharding import make_mesh, state_shardings  # pylint: disable=g-import-not-at-top

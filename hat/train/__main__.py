@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
   import jax  # pylint: disable=g-import-not-at-top
 
   from hat.config import ConfigError, resolve  # pylint: disable=g-import-not-at-top
+  from hat.storage import StorageError  # pylint: disable=g-import-not-at-top
   from hat.train.loop import NonFiniteError, StopFlag, train  # pylint: disable=g-import-not-at-top
 
   primary = jax.process_index() == 0
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                    progress=not args.no_progress, step_delay_s=delay)
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr, flush=True)
+    return 2
+  except StorageError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   except NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)

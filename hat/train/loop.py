@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import pathlib
 import signal
 import sys
 import time
@@ -22,7 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from hat import flops
+from hat import flops, storage
 from hat.config import ConfigError, TrainConfig
 from hat.data import pipeline
 from hat.data.sources import parse_eval_sets
@@ -142,7 +141,7 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
 
 
-def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
+def train(cfg: TrainConfig, workdir: storage.PathLike, *,
           inject_nan_at_step: int | None = None, stop: StopFlag | None = None,
           progress: bool = True, step_delay_s: float = 0.0) -> Result:
   """Trains `cfg` in `workdir`, resuming from its newest checkpoint if there is one.
@@ -150,7 +149,7 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
   `inject_nan_at_step` and `step_delay_s` are test hooks: a NaN loss at that step, and a
   host sleep after every step (so a test can interrupt a tiny run mid-way).
   """
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)  # local or gs://
   primary = jax.process_index() == 0
   stop = stop or StopFlag()
   mesh = make_run_mesh(cfg)
@@ -168,6 +167,7 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
   def save(s):
     extra = {"gate_controller": controller.state_dict()} if controller else None
     ckpt.save(s, state, data_iter, cfg, extra=extra)
+    writer.flush()  # a remote workdir's metrics.jsonl then reaches this checkpoint
   last_saved = step if ckpt.latest_step() == step else None
 
   batch = _next_batch(cfg, data_iter, mesh)
