@@ -7,7 +7,7 @@ Layout of a workdir:
   <workdir>/checkpoints/<step>/  model/ optimizer/ data/ run/ (orbax items)
 
 `run` is JSON with the config and the tokenizer model, so a checkpoint directory alone
-is enough to rebuild the model. Inference (eval, generation, robustness, lm-eval) reads
+is enough to rebuild the model. A workdir is local or a gs:// URL (`hat.storage`). Inference (eval, generation, robustness, lm-eval) reads
 runs through this module only; it never builds the optimizer or imports the trainer.
 """
 
