@@ -219,5 +219,5 @@ def test_two_processes_train_into_the_bucket(bucket_data, reference_run):
   np.testing.assert_allclose([multi[s] for s in ref], list(ref.values()), rtol=2e-5)
   assert _bucket_checkpoints(workdir) == [3, 6]
   data = _fresh(f"{workdir}/checkpoints/6/data")
-  assert sorted(p.name for p in data.iterdir()) == ["process_0-of-2.json",
+  assert sorted(p.name for p in data.glob("*.json")) == ["process_0-of-2.json",
                                                     "process_1-of-2.json"]
