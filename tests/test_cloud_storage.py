@@ -220,4 +220,4 @@ def test_two_processes_train_into_the_bucket(bucket_data, reference_run):
   assert _bucket_checkpoints(workdir) == [3, 6]
   data = _fresh(f"{workdir}/checkpoints/6/data")
   assert sorted(p.name for p in data.glob("*.json")) == ["process_0-of-2.json",
-                                                    "process_1-of-2.json"]
+                                                          "process_1-of-2.json"]
