@@ -33,7 +33,6 @@ PathLike = Union[str, os.PathLike]
 
 # URL scheme -> (the module fsspec needs for it, the pip extra of this project).
 _BACKENDS = {"gs": ("gcsfs", "gcs")}
-_ALL_URLS = ("gs://", "s3://", "az://", "hf://", "http://", "https://")
 
 
 class StorageError(RuntimeError):
@@ -74,8 +73,6 @@ def path(p: PathLike) -> Path:
   if is_remote(text):
     require_backend(text)
     return epath.Path(text)
-  if text.startswith(_ALL_URLS):
-    raise StorageError(f"{text}: not a supported location")
   return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
