@@ -221,3 +221,13 @@ def test_two_processes_train_into_the_bucket(bucket_data, reference_run):
   data = _fresh(f"{workdir}/checkpoints/6/data")
   assert sorted(p.name for p in data.glob("*.json")) == ["process_0-of-2.json",
                                                           "process_1-of-2.json"]
+
+
+def test_a_step_folder_without_its_commit_marker_is_skipped(gcs):
+  from hat.rundir import find_checkpoint  # pylint: disable=g-import-not-at-top
+
+  root = storage.path("gs://bucket/partial/checkpoints")
+  for step in (2, 4):  # step 4: a save that was killed before orbax committed it
+    (root / str(step) / "model" / "x").write_text("")
+  (root / "2" / "commit_success.txt").write_text("")
+  assert str(find_checkpoint("gs://bucket/partial")) == "gs://bucket/partial/checkpoints/2"
