@@ -231,3 +231,15 @@ def test_a_step_folder_without_its_commit_marker_is_skipped(gcs):
     (root / str(step) / "model" / "x").write_text("")
   (root / "2" / "commit_success.txt").write_text("")
   assert str(find_checkpoint("gs://bucket/partial")) == "gs://bucket/partial/checkpoints/2"
+
+
+def test_text_and_tfds_data_dir_in_the_bucket(bucket_data, train_data):
+  from hat.data import sources, tfds_text  # pylint: disable=g-import-not-at-top
+
+  corpus, cache = bucket_data
+  data_dir = tfds_text.prepare_text_dataset(corpus, cache_dir=cache)
+  assert str(data_dir).startswith(f"{cache}/text/corpus.txt-")
+  local = sources.open_source(f"text:{train_data[0]}", "validation", cache_dir=train_data[1])
+  # The built dataset is a TFDS data dir in the bucket, read as any `tfds:` source.
+  remote = sources.open_source("tfds:hat_text", "validation", tfds_data_dir=str(data_dir))
+  assert [remote[i] for i in range(len(remote))] == [local[i] for i in range(len(local))]
