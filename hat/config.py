@@ -349,7 +349,27 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check(getattr(cfg, key) >= 0, key, "must be >= 0 (0 = only at the end)")
   _check(cfg.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
   _check(0.0 <= cfg.optim.final_lr_fraction <= 1.0, "optim.final_lr_fraction", "must be in [0, 1]")
+  _validate_locations(cfg)
   return cfg
+
+
+def _validate_locations(cfg: TrainConfig) -> None:
+  """Remote locations (gs://) need their client library; say which extra, naming the key."""
+  from hat import storage  # pylint: disable=g-import-not-at-top
+
+  d = cfg.data
+  where = {"init_from": cfg.init_from, "data.cache_dir": d.cache_dir,
+           "data.tokenizer": d.tokenizer}
+  for key in ("train", "eval"):
+    for part in getattr(d, key).split(","):
+      _, sep, rest = part.strip().partition("text:")
+      if sep:
+        where[f"data.{key}"] = rest.rpartition("=")[0] if "=" in rest else rest
+  for key, value in where.items():
+    try:
+      storage.require_backend(value)
+    except storage.StorageError as e:
+      raise ConfigError(f"{key}: {e}") from None
 
 
 def from_config_dict(cd: ml_collections.ConfigDict | dict) -> TrainConfig:

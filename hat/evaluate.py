@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 
+from hat import storage
 from hat.cli import entry_point
 from hat.eval.evaluate import evaluate_sets
 from hat.family import family_of
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
   for name, r in results.items():
     wa = f"{r['word_acc']:.4f}" if "word_acc" in r else "-"
     print(f"{name:<16} {r['bpb']:>8.4f} {r['nll']:>8.4f} {wa:>9} {int(r['bytes']):>12}")
-  out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "eval.json")
+  out = storage.path(args.out) if args.out else storage.path(args.workdir) / "eval.json"
   out.write_text(json.dumps({"workdir": args.workdir, "family": family_of(cfg).name,
                              "results": results}, indent=2))
   print(f"wrote {out}")

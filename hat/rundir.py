@@ -7,7 +7,7 @@ Layout of a workdir:
   <workdir>/checkpoints/<step>/  model/ optimizer/ data/ run/ (orbax items)
 
 `run` is JSON with the config and the tokenizer model, so a checkpoint directory alone
-is enough to rebuild the model. Inference (eval, generation, robustness, lm-eval) reads
+is enough to rebuild the model. A workdir is local or a gs:// URL (`hat.storage`). Inference (eval, generation, robustness, lm-eval) reads
 runs through this module only; it never builds the optimizer or imports the trainer.
 """
 
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import base64
 import json
-import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from hat import storage
 from hat.cli import UserError
 from hat.config import TrainConfig, from_config_dict, to_dict
 
@@ -41,28 +41,31 @@ class CheckpointUnreadable(UserError):
   """A checkpoint's files cannot be read (truncated, corrupt, half written)."""
 
 
-def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
+def find_checkpoint(path: storage.PathLike) -> storage.Path:
   """A workdir, its checkpoints/ folder, or one step folder -> that (or the latest) step folder."""
-  path = pathlib.Path(path).absolute()
+  path = storage.path(path)
   if (path / "model").is_dir():
     return path
   if (path / CHECKPOINTS).is_dir():
     path = path / CHECKPOINTS
+  # On object stores a step folder fills in place and is complete once orbax writes its
+  # commit marker: an interrupted save must not be picked.
   steps = sorted((int(p.name) for p in path.glob("*") if p.name.isdigit()
-                  and (p / "model").is_dir()), reverse=True)
+                  and (p / "model").is_dir() and ocp.step.is_path_finalized(p)),
+                 reverse=True)
   if not steps:
     raise NoCheckpoint(f"no checkpoint under {path}")
   return path / str(steps[0])
 
 
-def read_run(step_dir: str | pathlib.Path) -> dict:
+def read_run(step_dir: storage.PathLike) -> dict:
   """The `run` JSON of a step folder (config, tokenizer model, step)."""
-  return json.loads((pathlib.Path(step_dir) / "run" / "metadata").read_text())
+  return json.loads((storage.path(step_dir) / "run" / "metadata").read_text())
 
 
-def write_run_files(workdir: str | pathlib.Path, cfg: TrainConfig, tokenizer: Any) -> None:
+def write_run_files(workdir: storage.PathLike, cfg: TrainConfig, tokenizer: Any) -> None:
   """config.json (and tokenizer.model) in the workdir; call on process 0 only."""
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
   proto = getattr(tokenizer, "model_proto", b"") or b""
@@ -70,12 +73,12 @@ def write_run_files(workdir: str | pathlib.Path, cfg: TrainConfig, tokenizer: An
     (workdir / TOKENIZER_FILE).write_bytes(proto)
 
 
-def tokenizer_from_run(run: dict, cfg: TrainConfig, where: pathlib.Path) -> Any:
+def tokenizer_from_run(run: dict, cfg: TrainConfig, where: storage.PathLike) -> Any:
   """The run's tokenizer: its stored SentencePiece model, the byte tokenizer, or None."""
   from hat.family import family_of  # pylint: disable=g-import-not-at-top
 
   stored = None
-  path = pathlib.Path(where) / TOKENIZER_FILE
+  path = storage.path(where) / TOKENIZER_FILE
   if path.exists():
     stored = path.read_bytes()
   elif run.get("tokenizer_model"):
@@ -88,13 +91,13 @@ def _key_name(path) -> str:
   return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def check_fits(item: str | pathlib.Path, target: dict) -> None:
+def check_fits(item: storage.PathLike, target: dict) -> None:
   """Raises CheckpointMismatch naming the first parameter whose name or shape differs.
 
   Reads only the item's metadata. Orbax's own error for a shape mismatch advises
   `strict=False`, which would silently truncate or pad the weights.
   """
-  meta = ocp.StandardCheckpointHandler().metadata(pathlib.Path(item))
+  meta = ocp.StandardCheckpointHandler().metadata(storage.path(item))
   saved = {_key_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(
       meta, is_leaf=lambda x: hasattr(x, "shape"))[0]}
   wanted = {_key_name(p): tuple(x.shape)
@@ -114,24 +117,24 @@ def check_fits(item: str | pathlib.Path, target: dict) -> None:
                              f"(different model config?)")
 
 
-def restore_item(item: str | pathlib.Path, target: dict) -> dict:
+def restore_item(item: storage.PathLike, target: dict) -> dict:
   """One orbax item (a pure dict of arrays) onto `target`'s shapes and shardings.
 
   Uses the handler, not a Checkpointer: the latter ends with a barrier of all processes,
   which hangs the others when one process fails to read its shards (see
   hat.train.recovery, which decides on the step together).
   """
-  item = pathlib.Path(item)
+  item = storage.path(item)
   check_fits(item, target)
   return ocp.StandardCheckpointHandler().restore(item, args=ocp.args.StandardRestore(target))
 
 
-def restore_model_pure(step_dir: str | pathlib.Path, abstract_pure: dict) -> dict:
+def restore_model_pure(step_dir: storage.PathLike, abstract_pure: dict) -> dict:
   """The `model` item of a step folder as a pure dict, onto `abstract_pure`'s shardings."""
-  return restore_item(pathlib.Path(step_dir) / "model", abstract_pure)
+  return restore_item(storage.path(step_dir) / "model", abstract_pure)
 
 
-def load_for_inference(path: str | pathlib.Path, mesh_spec: str = "data=-1"):
+def load_for_inference(path: storage.PathLike, mesh_spec: str = "data=-1"):
   """(model, cfg, tokenizer) from a workdir or checkpoint folder, on the local devices."""
   from hat.family import family_of  # pylint: disable=g-import-not-at-top
   from hat.sharding import make_mesh, state_shardings  # pylint: disable=g-import-not-at-top

@@ -4,7 +4,7 @@
       --num_slices 2 --config configs/hat_7b.py --workdir gs://BUCKET/runs/hat_7b
 
 Actions: `cluster` (xpk cluster create), `run` (xpk workload create: builds an image from
---base_image plus this checkout, installs `.[tpu]`, starts the trainer on every host of
+--base_image plus this checkout, installs `.[tpu,gcs]`, starts the trainer on every host of
 every slice), `status` (xpk workload list), `logs` (kubectl logs of the workload's pods),
 `delete` (xpk workload delete). `--dry-run` prints the commands.
 
@@ -49,7 +49,7 @@ def container_command(args: argparse.Namespace, extra: list[str]) -> str:
   exports = "".join(f"export {k}={shlex.quote(v)} && " for k, v in env.items())
   train = ["python", "-m", "hat.train", "--config", args.config, "--workdir", args.workdir,
            "--distributed=auto", "--no-progress", f"--config.mesh={mesh_for(args.num_slices, args.ici_mesh)}", *extra]
-  install = "" if args.docker_image else "pip install -q -e '.[tpu]' && "
+  install = "" if args.docker_image else "pip install -q -e '.[tpu,gcs]' && "
   return f"{install}{exports}{shlex.join(train)}"
 
 

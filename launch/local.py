@@ -7,7 +7,8 @@ Each process gets `XLA_FLAGS=--xla_force_host_platform_device_count=M`,
 `JAX_PLATFORMS=cpu` and `HAT_COORDINATOR` / `HAT_NUM_PROCESSES` / `HAT_PROCESS_ID`, so
 `jax.distributed.initialize` connects them over localhost and the CPU collectives run
 over gloo: the same code path as a multi-host pod, on one machine. Output of process i
-i > 0 goes to <workdir>/process_<i>.log, process 0's to the terminal. SIGTERM to the
+i > 0 goes to <log-dir>/process_<i>.log (default: the workdir, or a new local temporary
+folder for a gs:// workdir), process 0's to the terminal. SIGTERM to the
 launcher is passed on to every process (each saves and exits). The launcher exits with
 the first non-zero exit status of any process, and then stops the others.
 """
@@ -22,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -32,13 +34,26 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def _workdir(train_args: list[str]) -> pathlib.Path | None:
+def _workdir(train_args: list[str]) -> str | None:
   for i, a in enumerate(train_args):
     if a == "--workdir" and i + 1 < len(train_args):
-      return pathlib.Path(train_args[i + 1])
+      return train_args[i + 1]
     if a.startswith("--workdir="):
-      return pathlib.Path(a.split("=", 1)[1])
+      return a.split("=", 1)[1]
   return None
+
+
+def _log_dir(log_dir: str, workdir: str | None) -> pathlib.Path | None:
+  """Where process i > 0 logs: --log-dir, else a local workdir, else a temporary folder."""
+  if log_dir:
+    return pathlib.Path(log_dir)
+  if workdir is None:
+    return None
+  if "://" in workdir:  # gs://...: log files are appended to, so they stay local
+    logs = pathlib.Path(tempfile.mkdtemp(prefix="hat-local-logs-"))
+    print(f"logs of processes 1.. in {logs}", file=sys.stderr, flush=True)
+    return logs
+  return pathlib.Path(workdir)
 
 
 def commands(num_processes: int, devices_per_process: int, port: int,
@@ -72,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--devices-per-process", type=int, default=1)
   p.add_argument("--port", type=int, default=0, help="coordinator port (0 = pick a free one)")
   p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+  p.add_argument("--log-dir", default="", help="local folder for the logs of processes "
+                 "1..N-1 (default: the workdir; a temporary folder for a gs:// workdir)")
   args = p.parse_args(own)
   if not train_args:
     p.error("give the hat.train arguments after --")
@@ -81,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     for env, cmd in cmds:
       print(" ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd))
     return 0
-  workdir = _workdir(train_args)
-  if workdir is not None:
-    workdir.mkdir(parents=True, exist_ok=True)
+  logs = _log_dir(args.log_dir, _workdir(train_args))
+  if logs is not None:
+    logs.mkdir(parents=True, exist_ok=True)
   root = str(pathlib.Path(__file__).resolve().parent.parent)
   procs = []
   for i, (env, cmd) in enumerate(cmds):
@@ -91,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, full_env.get("PYTHONPATH")]))
     out = None
     if i > 0:
-      out = open(workdir / f"process_{i}.log", "w") if workdir else subprocess.DEVNULL
+      out = open(logs / f"process_{i}.log", "w") if logs else subprocess.DEVNULL
     procs.append(subprocess.Popen(cmd, env=full_env, stdout=out,
                                   stderr=None if out is None else subprocess.STDOUT))
   signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p in procs])

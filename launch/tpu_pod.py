@@ -4,7 +4,7 @@
       --config configs/hat_1b.py --workdir gs://BUCKET/runs/hat_1b [-- --config.steps=1000]
 
 Actions: `create` (the TPU VM), `setup` (copy this checkout, or clone --repo, to every
-worker and `pip install -e .[tpu]`), `train` (start the trainer on all workers, detached,
+worker and `pip install -e .[tpu,gcs]`), `train` (start the trainer on all workers, detached,
 logs in ~/hat_logs), `logs` (tail worker logs), `collect` (copy every worker's log
 here), `stop`, `delete`, and `up` = create + setup + train. `--dry-run` prints the
 commands instead of running them. The trainer runs with --distributed=auto:
@@ -85,7 +85,7 @@ def commands(action: str, args: argparse.Namespace, extra: list[str]) -> list[li
     return [create + (["--spot"] if args.spot else [])]
   if action == "setup":
     install = (f"cd && cd {REMOTE_DIR} && python3 -m venv .venv && . .venv/bin/activate && "
-               "pip install -q -U pip && pip install -q -e '.[tpu]'")
+               "pip install -q -U pip && pip install -q -e '.[tpu,gcs]'")
     if args.repo:
       fetch = (f"cd && (test -d {REMOTE_DIR}/.git || git clone {shlex.quote(args.repo)} {REMOTE_DIR})"
                f" && cd {REMOTE_DIR} && git fetch -q origin && "

@@ -45,7 +45,7 @@ def test_tpu_pod_up_dry_run():
   assert "--accelerator-type=v5p-64" in create and "--version=v2-alpha-tpuv5" in create
   assert "git ls-files" in pack[-1] and "tar" in pack[-1]
   assert copy[4] == "scp" and "--worker=all" in copy
-  assert "--worker=all" in setup and "pip install -q -e '.[tpu]'" in _flag(setup, "--command")
+  assert "--worker=all" in setup and "pip install -q -e '.[tpu,gcs]'" in _flag(setup, "--command")
   run = _flag(train, "--command")
   assert "--worker=all" in train
   assert ("python -m hat.train --config configs/hat_1b.py --workdir gs://bucket/run "

@@ -5,7 +5,8 @@
 
 `--x` is `step` (default) or `bytes`: the run's byte budget, `data.batch_size *
 data.window_bytes` per step from its config.json (HAT and BPE runs with equal budgets see
-the identical windows). A run directory may also be given as `label=path`.
+the identical windows). A run directory may also be given as `label=path`; runs and
+the output may be gs:// locations.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from hat.cli import UserError, entry_point  # noqa: E402
 
 
-def load(run: pathlib.Path) -> list[dict]:
+from hat import storage  # noqa: E402
+
+
+def load(run: storage.Path) -> list[dict]:
   """The run's metrics records (a resumed run's later records win per step and key)."""
   path = run / "metrics.jsonl"
   if not path.exists():
@@ -35,7 +39,7 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
   return steps, [by_step[s] for s in steps]
 
 
-def bytes_per_step(run: pathlib.Path) -> float:
+def bytes_per_step(run: storage.Path) -> float:
   """Window bytes times global batch: the run's byte budget per step."""
   cfg = json.loads((run / "config.json").read_text())
   cfg = cfg.get("config", cfg)
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
   fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
   for item in args.runs:
     label, sep, path = item.partition("=")
-    run = pathlib.Path(path if sep else item)
+    run = storage.path(path if sep else item)
     label = label if sep else run.name
     records = load(run)
     scale = bytes_per_step(run) if args.x == "bytes" else 1.0
@@ -75,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  out = pathlib.Path(args.out)
+  out = storage.path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(out, dpi=120)
+  with out.open("wb") as f:  # a file object: matplotlib cannot open a gs:// URL
+    fig.savefig(f, format="png", dpi=120)
   print(f"wrote {out}")
   return 0
 

@@ -3,7 +3,7 @@
 Spec strings (see `DataConfig.train` / `DataConfig.eval`):
 
   builtin                  the built-in corpus (Python standard library documentation)
-  text:<path>              a text file, or every *.txt file under a directory
+  text:<path>              a text file, or every *.txt file under a directory (local or gs://)
   tfds:<name>[:<split>]    any registered TFDS dataset, e.g. `tfds:lm1b`,
                            `tfds:wikipedia/20230601.en:train[:90%]`
   spec=weight,spec=weight  a weighted mixture of the above
@@ -21,6 +21,7 @@ import os
 import pathlib
 import re
 
+from hat import storage
 from hat.cli import UserError
 from hat.data import builtin as builtin_lib
 from hat.data import tfds_text
@@ -28,6 +29,7 @@ from hat.data import tfds_text
 _TFDS_SPEC = re.compile(r"^(?P<name>[^:\[\]]+(?::\d+(?:\.\d+)*)?)(?::(?P<split>.+))?$")
 # TFDS text datasets name their text feature differently; the first match is used.
 _TEXT_FEATURES = ("text", "content", "document", "article", "sentence", "body")
+_LOCAL_CACHE = pathlib.Path("~/.cache/hat")
 
 
 class SourceError(UserError, ValueError):
@@ -51,9 +53,9 @@ class SourceSpec:
     return f"{self.kind}:{self.arg}"
 
 
-def default_cache_dir() -> pathlib.Path:
-  """`$HAT_CACHE`, else `~/.cache/hat`: where built corpora live."""
-  return pathlib.Path(os.environ.get("HAT_CACHE") or "~/.cache/hat").expanduser()
+def default_cache_dir() -> storage.Path:
+  """`$HAT_CACHE`, else `~/.cache/hat`: where built corpora live (local or gs://)."""
+  return storage.path(os.environ.get("HAT_CACHE") or "~/.cache/hat")
 
 
 def parse_source(spec: str, weight: float = 1.0) -> SourceSpec:
@@ -177,12 +179,18 @@ def open_source(spec: SourceSpec | str, split: str, *, cache_dir: str | os.PathL
   """The `split` ("train" | "validation") of one source as random-access documents."""
   if isinstance(spec, str):
     spec = parse_source(spec)
-  cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+  cache = storage.path(cache_dir) if cache_dir else default_cache_dir()
   if spec.kind == "tfds":
     return _tfds_source(spec, split, tfds_data_dir)
   if split not in ("train", "validation"):
     raise SourceError(f"{spec}: split must be train or validation, got {split!r}")
-  path = builtin_lib.builtin_corpus_dir(cache) if spec.kind == "builtin" else spec.arg
+  if spec.kind == "builtin":
+    # The built-in text is generated on the spot; only its built dataset goes to a
+    # remote cache.
+    local = _LOCAL_CACHE if storage.is_remote(cache) else pathlib.Path(os.fspath(cache))
+    path = builtin_lib.builtin_corpus_dir(local.expanduser())
+  else:
+    path = spec.arg
   try:
     data_dir = tfds_text.prepare_text_dataset(
         path, cache_dir=cache, doc_mode=doc_mode, validation_fraction=validation_fraction)

@@ -8,6 +8,11 @@ lives under `<cache>/text/<stem>-<hash>`, the hash covering the files (path, siz
 modification time) and the options, so a repeated run reuses it. Reading is random
 access through `tfds.data_source`.
 
+The text and the cache may both be on cloud storage (`gs://`, `hat.storage`): files are
+read through epath, and a dataset for a remote cache is built in a local folder and then
+uploaded, its dataset_info.json last, since array_record writes local files only (its
+reader reads gs:// itself).
+
 Documents are bytes: the models handle any byte sequence, so text that is not valid
 UTF-8 is kept as is (with a warning). Files that look binary (NUL bytes near the start)
 are skipped with a warning, since they are almost never meant as training text.
@@ -23,11 +28,14 @@ import logging
 import os
 import pathlib
 import re
+import shutil
+import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from hat import storage
 from hat.cli import UserError
 
 log = logging.getLogger(__name__)
@@ -48,14 +56,18 @@ class CorpusError(UserError, ValueError):
   """A text corpus is missing, empty or unusable; the message names the path."""
 
 
-def list_text_files(path: str | os.PathLike) -> list[pathlib.Path]:
-  """A file itself, or every *.txt file under a directory (recursive, sorted)."""
-  p = pathlib.Path(path).expanduser()
+def list_text_files(path: storage.PathLike) -> list[storage.Path]:
+  """A file itself, or every *.txt file under a directory (recursive, sorted); local or gs://."""
+  p = storage.path(path)
   if not p.exists():
     raise CorpusError(f"text source: path does not exist: {p}")
   if p.is_file():
     return [p]
-  files = sorted(f for f in p.rglob("*.txt") if f.is_file())
+  if storage.is_remote(p):
+    files = [f for f in storage.walk_files(p) if f.name.endswith(".txt")]
+  else:  # epath's rglob refuses `**`, even locally
+    local = pathlib.Path(os.fspath(p))
+    files = [storage.path(f) for f in sorted(local.rglob("*.txt")) if f.is_file()]
   if not files:
     raise CorpusError(f"text source: no *.txt files under {p}")
   return files
@@ -98,7 +110,7 @@ def split_documents(data: bytes, doc_mode: str) -> list[bytes]:
   return [p.rstrip(b"\r\n") for p in parts if p.strip()]
 
 
-def _file_documents(path: pathlib.Path, doc_mode: str) -> list[bytes]:
+def _file_documents(path: storage.Path, doc_mode: str) -> list[bytes]:
   data = path.read_bytes()
   if looks_binary(data):
     log.warning("text source: skipping %s: it contains NUL bytes (binary or UTF-16?)",
@@ -137,8 +149,8 @@ class HatText(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, files: Sequence[str] = (), root: str = "",
                doc_mode: str = "blank_line", validation_fraction: float = 0.02,
                **kwargs):
-    self._files = [pathlib.Path(f) for f in files]
-    self._root = pathlib.Path(root) if root else None
+    self._files = [storage.path(f) for f in files]
+    self._root = storage.path(root) if root else None
     self._doc_mode = doc_mode
     self._validation_fraction = validation_fraction
     super().__init__(**kwargs)
@@ -181,13 +193,17 @@ class HatText(tfds.core.GeneratorBasedBuilder):
         yield i, {"text": doc, "source": source}
 
 
-def _fingerprint(files: Sequence[pathlib.Path], doc_mode: str,
+def _fingerprint(files: Sequence[storage.Path], doc_mode: str,
                  validation_fraction: float) -> str:
   h = hashlib.sha256()
   h.update(json.dumps([_BUILD_VERSION, doc_mode, validation_fraction]).encode())
   for f in files:
-    st = f.stat()
-    h.update(json.dumps([str(f.resolve()), st.st_size, st.st_mtime_ns]).encode())
+    if storage.is_remote(f):
+      st = f.stat()  # object stores give whole-second modification times
+      h.update(json.dumps([os.fspath(f), st.length, st.mtime]).encode())
+    else:
+      st = os.stat(f)
+      h.update(json.dumps([os.path.realpath(f), st.st_size, st.st_mtime_ns]).encode())
   return h.hexdigest()[:16]
 
 
@@ -203,29 +219,43 @@ def _file_lock(path: pathlib.Path):
       fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def prepare_text_dataset(path: str | os.PathLike, *, cache_dir: str | os.PathLike,
+def prepare_text_dataset(path: storage.PathLike, *, cache_dir: storage.PathLike,
                          doc_mode: str = "blank_line",
-                         validation_fraction: float = 0.02) -> pathlib.Path:
+                         validation_fraction: float = 0.02) -> storage.Path | pathlib.Path:
   """Builds (once) the array_record dataset of a text path; returns its data_dir."""
   if doc_mode not in DOC_MODES:
     raise ValueError(f"doc_mode must be one of {DOC_MODES}, got {doc_mode!r}")
-  root = pathlib.Path(path).expanduser()
+  root = storage.path(path)
   files = list_text_files(root)
-  stem = re.sub(r"[^A-Za-z0-9_.-]", "_", root.resolve().name or "root")[:40]
-  data_dir = pathlib.Path(cache_dir).expanduser() / "text" / (
+  name = root.name if storage.is_remote(root) else os.path.basename(os.path.realpath(root))
+  stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name or "root")[:40]
+  data_dir = storage.path(cache_dir) / "text" / (
       f"{stem}-{_fingerprint(files, doc_mode, validation_fraction)}")
-  with _file_lock(data_dir.with_suffix(".lock")):
-    builder = HatText(files=[str(f) for f in files],
-                      root=str(root if root.is_dir() else root.parent),
-                      doc_mode=doc_mode, validation_fraction=validation_fraction,
-                      data_dir=str(data_dir), file_format="array_record")
-    if not builder.is_prepared():
-      log.info("building text dataset of %s (%d files) in %s", root, len(files), data_dir)
+  remote = storage.is_remote(data_dir)
+  # A local lock even for a remote cache: it keeps this machine's processes from
+  # building twice (hosts of a pod may each build; their uploads are identical).
+  lock = (pathlib.Path(tempfile.gettempdir()) / "hat-locks" / f"{data_dir.name}.lock"
+          if remote else pathlib.Path(os.fspath(data_dir)).with_suffix(".lock"))
+  with _file_lock(lock):
+    kwargs = dict(files=[os.fspath(f) for f in files],
+                  root=os.fspath(root if root.is_dir() else root.parent),
+                  doc_mode=doc_mode, validation_fraction=validation_fraction,
+                  file_format="array_record")
+    if HatText(data_dir=os.fspath(data_dir), **kwargs).is_prepared():
+      return data_dir if remote else pathlib.Path(os.fspath(data_dir))
+    log.info("building text dataset of %s (%d files) in %s", root, len(files), data_dir)
+    build_dir = tempfile.mkdtemp(prefix="hat-text-") if remote else os.fspath(data_dir)
+    try:
       with _quiet():
-        builder.download_and_prepare(
+        HatText(data_dir=build_dir, **kwargs).download_and_prepare(
             download_config=tfds.download.DownloadConfig(
                 download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-  return data_dir
+      if remote:
+        storage.upload_tree(build_dir, data_dir, last=("dataset_info.json",))
+    finally:
+      if remote:
+        shutil.rmtree(build_dir, ignore_errors=True)
+  return data_dir if remote else pathlib.Path(os.fspath(data_dir))
 
 
 @contextlib.contextmanager
@@ -238,6 +268,6 @@ def _quiet():
     tfds.enable_progress_bar()
 
 
-def open_split(data_dir: str | os.PathLike, split: str):
+def open_split(data_dir: storage.PathLike, split: str):
   """Random-access source over a prepared HatText split (no TensorFlow needed)."""
-  return tfds.data_source(NAME, split=split, data_dir=str(data_dir))
+  return tfds.data_source(NAME, split=split, data_dir=os.fspath(data_dir))

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pathlib
 import random
 import re
 from typing import Sequence
 
+from hat import storage
 from hat.eval.loglik import Scorer
 from hat.eval.perturb import perturb
 
@@ -110,9 +110,9 @@ def degradation(results: dict) -> dict:
   return out
 
 
-def write_report(results: dict, out_dir: str | pathlib.Path, meta: dict) -> pathlib.Path:
+def write_report(results: dict, out_dir: storage.PathLike, meta: dict) -> storage.Path:
   """Writes robustness.json, robustness.md and robustness.png; returns the markdown path."""
-  out_dir = pathlib.Path(out_dir)
+  out_dir = storage.path(out_dir)  # local or gs://
   out_dir.mkdir(parents=True, exist_ok=True)
   deg = degradation(results)
   (out_dir / "robustness.json").write_text(json.dumps(
@@ -142,7 +142,7 @@ def _str_keys(d):
   return {str(k): _str_keys(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
-def _plot(deg: dict, path: pathlib.Path) -> None:
+def _plot(deg: dict, path: storage.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -166,5 +166,6 @@ def _plot(deg: dict, path: pathlib.Path) -> None:
   axes.ravel()[0].legend()
   fig.suptitle("Degradation of continuation bpb under context perturbation")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with path.open("wb") as f:  # a file object: matplotlib cannot open a gs:// URL
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)

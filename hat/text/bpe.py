@@ -18,12 +18,12 @@ from __future__ import annotations
 import errno
 import io
 import os
-import pathlib
 import re
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from hat import storage
 from hat.text import splitter
 
 NEWLINE_SUB = "\u240a"  # stands for "\n" inside SentencePiece
@@ -96,8 +96,9 @@ def train_bpe(
   )
   tok = BPETokenizer.from_bytes(writer.getvalue())
   if model_path is not None:
-    pathlib.Path(model_path).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(model_path).write_bytes(tok.model_proto)
+    model_path = storage.path(model_path)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    model_path.write_bytes(tok.model_proto)
   return tok
 
 
@@ -112,7 +113,7 @@ class BPETokenizer:
   @classmethod
   def load(cls, path: str | os.PathLike) -> BPETokenizer:
     """Loads a `.model` file written by `train_bpe`."""
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if not path.is_file():
       raise FileNotFoundError(errno.ENOENT, "BPE model not found", str(path))
     return cls(path.read_bytes())

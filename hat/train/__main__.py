@@ -47,7 +47,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   p = argparse.ArgumentParser(prog="python -m hat.train", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", help="config file with get_config() (default: built-in defaults)")
-  p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, logs")
+  p.add_argument("--workdir", required=True,
+                 help="run directory (local or gs://...): checkpoints, metrics, logs")
   p.add_argument("--distributed", choices=("off", "auto"), default="off",
                  help="auto: jax.distributed.initialize() with cluster auto-detection")
   p.add_argument("--coordinator", default=os.environ.get("HAT_COORDINATOR"),

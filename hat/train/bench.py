@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from hat import flops
+from hat import flops, storage
 from hat.config import resolve
 from hat.data import pipeline
 from hat.models import model_vocab_size
@@ -47,7 +47,7 @@ def bpe_tokenizer(data: str, workdir: pathlib.Path, overrides: list[str],
 
 
 def time_model(kind: str, overrides: list[str], steps: int,
-               ckpt_dir: pathlib.Path | None = None) -> dict:
+               ckpt_dir: storage.PathLike | None = None) -> dict:
   """Compile + timed steps of one model kind; optionally the async-save overhead."""
   cfg = resolve(str(ROOT / CONFIGS[kind]), overrides)
   mesh = make_run_mesh(cfg)
@@ -86,7 +86,7 @@ def time_model(kind: str, overrides: list[str], steps: int,
            "train_flops_per_step": flops_step, "_cfg": cfg, "_batches": batches,
            "_vocab": vocab}
     if ckpt_dir is not None:
-      out.update(_ckpt_overhead(cfg, state, run, ckpt_dir))
+      out.update(_ckpt_overhead(cfg, state, run, storage.path(ckpt_dir)))
   return out
 
 
@@ -97,13 +97,16 @@ def _ckpt_overhead(cfg, state, run, ckpt_dir, reps: int = 9, window: int = 5):
   the following steps are both inside the timed window. Measured twice, interleaved:
   the default Checkpointer (device snapshot, host copy and hand-off in a background
   thread) and the previous one (orbax's per-array device->host transfer in the training
-  thread: `background=False, host_copy=False`), the latter as `..._previous`.
+  thread: `background=False, host_copy=False`), the latter as `..._previous`. The whole
+  save (`ckpt_save_total_ms`) is a separate save with no steps beside it, from the call
+  until the checkpoint is committed.
   """
   out = {}
   ckpts = {"": Checkpointer(ckpt_dir / "default", keep=2),
            "_previous": Checkpointer(ckpt_dir / "previous", keep=2, host_copy=False,
                                      background=False)}
-  base, with_save, blocking = [], {k: [] for k in ckpts}, {k: [] for k in ckpts}
+  base, with_save = [], {k: [] for k in ckpts}
+  blocking, total = {k: [] for k in ckpts}, {k: [] for k in ckpts}
   for rep in range(reps):
     t0 = time.perf_counter()
     state = run(window + 1, state)
@@ -115,6 +118,10 @@ def _ckpt_overhead(cfg, state, run, ckpt_dir, reps: int = 9, window: int = 5):
       state = run(window, state)
       with_save[suffix].append(time.perf_counter() - t0)
       ckpt.wait()
+      t0 = time.perf_counter()  # a save alone, from the call until it is committed
+      ckpt.save(2000 + rep, state, _NoData(), cfg)
+      ckpt.wait()
+      total[suffix].append(time.perf_counter() - t0)
   b = float(np.median(base))
   step_s = b / (window + 1)
   out["ckpt_step_ms"] = 1e3 * step_s
@@ -125,6 +132,7 @@ def _ckpt_overhead(cfg, state, run, ckpt_dir, reps: int = 9, window: int = 5):
     # blocking part and the slowdown of the steps its background write overlaps.
     extra = w - (b - step_s)
     out.update({f"ckpt_save_blocking_ms{suffix}": 1e3 * float(np.median(blocking[suffix])),
+                f"ckpt_save_total_ms{suffix}": 1e3 * float(np.median(total[suffix])),
                 f"ckpt_extra_ms{suffix}": 1e3 * extra,
                 f"ckpt_overhead_one_step{suffix}": extra / step_s,
                 f"ckpt_overhead_amortised_at_ckpt_every{suffix}":

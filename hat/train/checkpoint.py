@@ -19,7 +19,6 @@ import errno
 import json
 import logging
 import os
-import pathlib
 import time
 from typing import Any
 
@@ -28,6 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from hat import storage
 from hat.config import TrainConfig, to_dict
 from hat.rundir import (CHECKPOINTS, TOKENIZER_FILE, find_checkpoint, read_run,  # noqa: F401
                         restore_item, restore_model_pure, tokenizer_from_run,
@@ -120,7 +120,7 @@ class Checkpointer:
   until the host copy is done.
   """
 
-  def __init__(self, workdir: str | pathlib.Path, *, keep: int, tokenizer: Any = None,
+  def __init__(self, workdir: storage.PathLike, *, keep: int, tokenizer: Any = None,
                host_copy: bool = True, background: bool | None = None,
                fault: SaveFault | None = None):
     self.host_copy = host_copy  # False: hand orbax the jax arrays (see _host_copy)
@@ -131,7 +131,7 @@ class Checkpointer:
     self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
                   if background else None)
     self._handoff: concurrent.futures.Future | None = None
-    self.directory = pathlib.Path(workdir).absolute() / CHECKPOINTS
+    self.directory = storage.path(workdir) / CHECKPOINTS
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -226,14 +226,14 @@ class Checkpointer:
       self._manager.close()
 
 
-def restore_data_state(step_dir: pathlib.Path, data_iterator: Any, *,
+def restore_data_state(step_dir: storage.PathLike, data_iterator: Any, *,
                        any_process: bool = False) -> bool:
   """Sets this process's iterator to the saved state; False when none matches the layout.
 
   `any_process`: every process saved the same state (a global data stream), so any
   process's file will do, even when the process count changed.
   """
-  data_dir = pathlib.Path(step_dir) / "data"
+  data_dir = storage.path(step_dir) / "data"
   path = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
   if not path.exists() and any_process:
     path = next(iter(sorted(data_dir.glob("process_*.json"))), path)
@@ -246,16 +246,16 @@ def restore_data_state(step_dir: pathlib.Path, data_iterator: Any, *,
 
 
 
-def restore_pure(step_dir: str | pathlib.Path, spec: StateSpec, *,
+def restore_pure(step_dir: storage.PathLike, spec: StateSpec, *,
                  with_optimizer: bool) -> dict:
   """{MODEL: params[, OPTIM: optimizer]} as pure dicts of arrays on `spec`'s shardings."""
-  step_dir = pathlib.Path(step_dir)
+  step_dir = storage.path(step_dir)
   halves = {MODEL: "model", OPTIM: "optimizer"} if with_optimizer else {MODEL: "model"}
   return {key: restore_item(step_dir / item, nnx.to_pure_dict(spec.abstract[key]))
           for key, item in halves.items()}
 
 
-def restore_state(step_dir: str | pathlib.Path, spec: StateSpec, *,
+def restore_state(step_dir: storage.PathLike, spec: StateSpec, *,
                   with_optimizer: bool) -> nnx.State:
   """The train state of a step folder on `spec`'s shardings.
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import pathlib
 import signal
 import sys
 import time
@@ -22,7 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from hat import flops
+from hat import flops, storage
 from hat.config import ConfigError, TrainConfig
 from hat.data import pipeline
 from hat.data.sources import parse_eval_sets
@@ -143,7 +142,7 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
 
 
-def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
+def train(cfg: TrainConfig, workdir: storage.PathLike, *,
           inject_nan_at_step: int | None = None, stop: StopFlag | None = None,
           progress: bool = True, step_delay_s: float = 0.0,
           save_fault: ckpt_lib.SaveFault | None = None) -> Result:
@@ -153,7 +152,7 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
   that step, a host sleep after every step (so a test can interrupt a tiny run mid-way),
   a stalled or failing checkpoint write.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = storage.path(workdir)  # local or gs://
   primary = jax.process_index() == 0
   stop = stop or StopFlag()
   mesh = make_run_mesh(cfg)
@@ -172,6 +171,7 @@ def train(cfg: TrainConfig, workdir: str | pathlib.Path, *,
   def save(s):
     extra = {"gate_controller": controller.state_dict()} if controller else None
     ckpt.save(s, state, data_iter, cfg, extra=extra)
+    writer.flush()  # a remote workdir's metrics.jsonl then reaches this checkpoint
   last_saved = step if ckpt.latest_step() == step else None
 
   batch = _next_batch(cfg, data_iter, mesh)

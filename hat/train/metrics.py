@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import pathlib
 import time
 from typing import Any
 
 import numpy as np
 
+from hat import storage
 from hat.models.losses import derived_metrics
 
 log = logging.getLogger(__name__)
@@ -79,21 +79,30 @@ class Window:
 
 
 class MetricsWriter:
-  """metrics.jsonl and TensorBoard event files in the workdir; inert off process 0."""
+  """metrics.jsonl and TensorBoard event files in the workdir; inert off process 0.
 
-  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+  A remote workdir (gs://) cannot be appended to: both files are written in a local
+  stage and uploaded whole at most every `upload_every_s` seconds, at `flush()` (the
+  loop calls it at each checkpoint, so the bucket's metrics reach at least the newest
+  checkpoint) and at `close()`.
+  """
+
+  def __init__(self, workdir: storage.PathLike, enabled: bool = True,
+               upload_every_s: float = 30.0):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
+    self._stage = None
+    self._upload_every_s = upload_every_s
+    self._uploaded = time.monotonic()
     if not enabled:
       return
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+    self._stage = storage.LocalStage(storage.path(workdir))
+    self._jsonl = open(self._stage.fetch("metrics.jsonl"), "a", encoding="utf-8")
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-      self._tb = SummaryWriter(str(workdir / "tb"))
+      self._tb = SummaryWriter(str(self._stage.dir / "tb"))
     except ImportError:
       log.warning("tensorboardX is not installed: no TensorBoard event files")
 
@@ -109,6 +118,17 @@ class MetricsWriter:
         if v is not None and math.isfinite(v):
           self._tb.add_scalar(k, v, int(step))
       self._tb.flush()
+    if self._stage.remote and time.monotonic() - self._uploaded >= self._upload_every_s:
+      self.flush()
+
+  def flush(self) -> None:
+    """Makes the records so far visible in the workdir (uploads them to a remote one)."""
+    if self.enabled and self._stage.remote:
+      self._jsonl.flush()
+      if self._tb is not None:
+        self._tb.flush()
+      self._stage.upload()
+      self._uploaded = time.monotonic()
 
   def close(self) -> None:
     """Flushes and closes the files."""
@@ -116,6 +136,8 @@ class MetricsWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+    if self._stage is not None:
+      self._stage.close()
 
 
 def to_host(device_metrics: dict[str, Any]) -> dict[str, float]:

@@ -20,15 +20,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pathlib
 import re
-import shutil
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from hat import storage
 from hat.cli import UserError
 from hat.rundir import CheckpointMismatch, read_run
 from hat.train import checkpoint as ckpt_lib
@@ -75,20 +74,20 @@ def _reason(e: BaseException) -> str:
   return f"{type(e).__name__}: {first[:300]}"
 
 
-def move_aside(path: pathlib.Path, reason: str) -> pathlib.Path:
+def move_aside(path: storage.Path, reason: str) -> storage.Path:
   """Moves a step folder to <workdir>/bad_checkpoints/ (a new name if taken); warns."""
   bad = path.parent.parent / BAD_CHECKPOINTS
   bad.mkdir(parents=True, exist_ok=True)
   target, n = bad / path.name, 1
   while target.exists():
     target, n = bad / f"{path.name}.{n}", n + 1
-  shutil.move(str(path), str(target))
+  storage.move_tree(path, target)
   target.with_name(target.name + ".reason.txt").write_text(reason + "\n")
   log.warning("checkpoint %s does not restore (%s): moved to %s", path, reason, target)
   return target
 
 
-def _incomplete(directory: pathlib.Path, committed: list[int]) -> list[pathlib.Path]:
+def _incomplete(directory: storage.Path, committed: list[int]) -> list[storage.Path]:
   """Step folders orbax did not commit (saves interrupted by a kill or a write error)."""
   if not directory.is_dir():
     return []
@@ -97,7 +96,7 @@ def _incomplete(directory: pathlib.Path, committed: list[int]) -> list[pathlib.P
                 if p.is_dir() and _STEP_NAME.match(p.name) and p.name not in names)
 
 
-def _try(step_dir: pathlib.Path, spec: StateSpec, data_iterator):
+def _try(step_dir: storage.Path, spec: StateSpec, data_iterator):
   """(state, run) of one step folder; raises whatever reading it raises."""
   run = read_run(step_dir)
   if data_iterator is not None:
@@ -120,7 +119,7 @@ def resume(ckpt: ckpt_lib.Checkpointer, spec: StateSpec, data_iterator, *,
     for path in _incomplete(directory, committed):
       move_aside(path, "incomplete: the save was interrupted before orbax committed it")
   _sync("hat-resume-incomplete")
-  failed: list[tuple[pathlib.Path, str]] = []
+  failed: list[tuple[storage.Path, str]] = []
   for step in sorted(committed, reverse=True):
     step_dir = directory / str(step)
     reason = None
