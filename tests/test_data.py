@@ -95,7 +95,7 @@ def test_split_documents_modes():
 
 def test_parse_specs():
   mix = sources.parse_mixture("builtin=3,text:/a/b.txt, tfds:wiki/en:1.0.0:train[:5%]=0.5")
-  assert [(s.kind, s.arg, s.split, s.weight) for s in mix] == [
+  assert [(s.scheme, s.arg, s.split, s.weight) for s in mix] == [
       ("builtin", "", "", 3.0), ("text", "/a/b.txt", "", 1.0),
       ("tfds", "wiki/en:1.0.0", "train[:5%]", 0.5)]
   assert sources.parse_source("tfds:lm1b").split == ""

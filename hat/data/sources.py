@@ -38,19 +38,19 @@ class SourceError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
-  """One parsed source: kind `builtin` | `text` | `tfds`, its argument and weight."""
+  """One parsed source: scheme `builtin` | `text` | `tfds`, its argument and weight."""
 
-  kind: str
+  scheme: str
   arg: str = ""  # text: the path; tfds: the dataset name (with config/version)
   split: str = ""  # tfds: explicit split (empty = the split the caller asks for)
   weight: float = 1.0
 
   def __str__(self) -> str:
-    if self.kind == "builtin":
+    if self.scheme == "builtin":
       return "builtin"
-    if self.kind == "tfds" and self.split:
+    if self.scheme == "tfds" and self.split:
       return f"tfds:{self.arg}:{self.split}"
-    return f"{self.kind}:{self.arg}"
+    return f"{self.scheme}:{self.arg}"
 
 
 def default_cache_dir() -> storage.Path:
@@ -63,18 +63,18 @@ def parse_source(spec: str, weight: float = 1.0) -> SourceSpec:
   spec = spec.strip()
   if spec == "builtin":
     return SourceSpec("builtin", weight=weight)
-  kind, sep, rest = spec.partition(":")
+  scheme, sep, rest = spec.partition(":")
   if not sep or not rest:
     raise SourceError(f"source {spec!r}: expected builtin, text:<path> or "
                       f"tfds:<name>[:<split>]")
-  if kind == "text":
+  if scheme == "text":
     return SourceSpec("text", rest, weight=weight)
-  if kind == "tfds":
+  if scheme == "tfds":
     m = _TFDS_SPEC.match(rest)
     if not m:
       raise SourceError(f"source {spec!r}: expected tfds:<name>[:<split>]")
     return SourceSpec("tfds", m["name"], m["split"] or "", weight)
-  raise SourceError(f"source {spec!r}: unknown kind {kind!r}; use builtin, text: or tfds:")
+  raise SourceError(f"source {spec!r}: unknown kind {scheme!r}; use builtin, text: or tfds:")
 
 
 def parse_mixture(spec: str) -> list[SourceSpec]:
@@ -180,11 +180,11 @@ def open_source(spec: SourceSpec | str, split: str, *, cache_dir: str | os.PathL
   if isinstance(spec, str):
     spec = parse_source(spec)
   cache = storage.path(cache_dir) if cache_dir else default_cache_dir()
-  if spec.kind == "tfds":
+  if spec.scheme == "tfds":
     return _tfds_source(spec, split, tfds_data_dir)
   if split not in ("train", "validation"):
     raise SourceError(f"{spec}: split must be train or validation, got {split!r}")
-  if spec.kind == "builtin":
+  if spec.scheme == "builtin":
     # The built-in text is generated on the spot; only its built dataset goes to a
     # remote cache.
     local = _LOCAL_CACHE if storage.is_remote(cache) else pathlib.Path(os.fspath(cache))
