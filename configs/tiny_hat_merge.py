@@ -15,5 +15,4 @@ def get_config():
   c.model.gate.update(kind="merge", target_bytes_per_chunk=5.5, max_chunk_bytes=31,
                       controller="ratio", ratio_loss_weight=0.03, capacity=128)
   c.data.max_tokens = 544  # 512 bytes + [S] of up to 32 segments (as tiny_byte)
-  c.sample_bytes = 0  # the word-level sampler does not apply; see MergeGenerator
   return c
