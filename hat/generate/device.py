@@ -147,6 +147,7 @@ class DeviceSampler:
         st = self._refill(st, rows, full, slide=True)
       if not (((status_B == DECODING) | (status_B == WAITING) | full) & ~stopped).any():
         break
+    self.last_state = st  # caches and counters of the last call, for inspection
     return [cut_at_stop(o[:opts.max_new_bytes], opts.stop) for o in outs]
 
   def generate(self, prompt: bytes, opts: SampleOptions) -> bytes:
