@@ -214,7 +214,8 @@ class HATSampler(DeviceSampler):
     num = min(batch, max(1, math.ceil(self.word_rows * batch)))
     rows_1xK, valid_1xK, _ = gates.compact_indices((waiting_B & ~full_B)[None], num)
     rows_K, valid_K = rows_1xK[0], valid_1xK[0]
-    words_KxD = encode_units(model, st["word_BxL"][rows_K], st["nbytes_B"][rows_K])
+    words_KxD = self._encode_bucketed(model, st["word_BxL"][rows_K],
+                                      jnp.where(valid_K, st["nbytes_B"][rows_K], 0))
     p_Kx1xd, bb = self.backbone.run(model, words_KxD[:, None], units_B[rows_K][:, None],
                                     st["bb"], valid_K[:, None], rows_K)
     dst_K = jnp.where(valid_K, rows_K, batch)  # out of range: no write
@@ -230,6 +231,19 @@ class HATSampler(DeviceSampler):
             "dec": dict(dec, length_B=dec["length_B"].at[dst_K].set(0, mode="drop")),
             "status_B": jnp.where(full_B, FULL,
                                   status_B.at[dst_K].set(DECODING, mode="drop"))}
+
+  def _encode_bucketed(self, model, ids_KxL, nbytes_K):
+    """`encode_units` over the fewest slots that hold the longest of the words.
+
+    Padding slots are masked out of the encoder's attention, so the result does not
+    depend on the padded length; most words are short, and the encoder is the costliest
+    part of a word step when run over all `max_word_bytes + 1` slots.
+    """
+    buckets = sorted({min(b, self.slots) for b in (8, 16, self.slots)})
+    need = jnp.max(nbytes_K) + 1
+    index = jnp.sum(jnp.array(buckets[:-1]) < need)
+    branches = [lambda ids, nb, b=b: encode_units(model, ids[:, :b], nb) for b in buckets]
+    return jax.lax.switch(index, branches, ids_KxL, nbytes_K)
 
   # Host side.
 
