@@ -119,13 +119,17 @@ def _time(sampler, batch: int, opts: SampleOptions, repeats: int) -> dict:
   sampler.generate_batch(prompts, opts)
   held, alloc = kv_held(sampler.last_state)
   new_units = max(units - base_units, 1)
+  bb = sampler.last_state.get("bb", {})
+  extra = {}
+  if "deleted_B" in bb:  # delete gate: fraction of committed words left out above it
+    extra["deleted_fraction"] = float(np.sum(np.asarray(bb["deleted_B"]))) / max(units, 1)
   longest = max(map(len, outs))
   return {"batch": batch, "bytes": totals[-1], "seconds": statistics.median(walls),
           "bytes_per_s": statistics.median(rates), "bytes_per_s_all": rates,
           "ms_per_byte_per_row": 1e3 * statistics.median(walls) / max(longest, 1),
           "bytes_per_position": totals[-1] / new_units,
           "kv_bytes_held": held, "kv_bytes_allocated": alloc,
-          "kv_bytes_per_position": held / max(units, 1)}
+          "kv_bytes_per_position": held / max(units, 1), **extra}
 
 
 def main(argv=None) -> int:
