@@ -104,7 +104,6 @@ def _units(sampler) -> int:
 def _time(sampler, batch: int, opts: SampleOptions, repeats: int) -> dict:
   prompts = [PROMPT[: len(PROMPT) - (i % 7)] for i in range(batch)]
   sampler.generate_batch(prompts[:1] * batch, opts)  # compiles every step function
-  base_units = None
   walls, totals = [], []
   for _ in range(repeats):
     start = time.perf_counter()

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from hat.data import layout
-from hat.generate.sampling import SampleOptions, cut_at_stop, stop_strings
+from hat.generate.sampling import SampleOptions, cut_at_stop, row_keys, stop_strings
 
 OVERFLOW_POLICIES = ("slide", "error")
 DECODING, WAITING, FULL, DONE = 0, 1, 2, 3  # row status
@@ -124,7 +124,6 @@ class DeviceSampler:
     if opts.max_new_bytes <= 0 or batch == 0:
       return outs
     rows = [self._new_row(bytes(p)) for p in prompts]
-    from hat.generate.sampling import row_keys  # pylint: disable=g-import-not-at-top
     st = dict(self._init_state(batch), keys_BxK=jnp.asarray(row_keys(opts.seed, batch)),
               status_B=jnp.full((batch,), DONE, jnp.int32),
               nout_B=jnp.zeros((batch,), jnp.int32))
