@@ -90,7 +90,7 @@ def test_train_user_errors(case, tmp_path, train_data, monkeypatch, capsys):
 
 def test_inference_user_errors(tmp_path, reference_run, capsys, monkeypatch):
   from hat.evaluate import main as evaluate_main
-  from hat.generate import main as generate_main
+  from hat.generate.cli import main as generate_main
   from hat.robustness import main as robustness_main
 
   monkeypatch.delenv("HAT_DEBUG", raising=False)

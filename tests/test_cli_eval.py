@@ -50,3 +50,24 @@ def test_plot_metrics(trained, tmp_path):
   _cli(["tools/plot_metrics.py", f"tiny={run}", "--keys", "train/bpb,eval/en_val/bpb",
         "--x", "bytes", "--out", str(tmp_path / "c.png")], cache)
   assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_generate_cli_inputs_in_process(trained, capsys, monkeypatch):
+  run, _, _ = trained
+  from hat.generate.cli import main  # pylint: disable=g-import-not-at-top
+
+  base = ["--workdir", str(run), "--temperature", "0"]
+  # No new bytes: the prompts come back as they are (invalid UTF-8 replaced in print).
+  assert main([*base, "--prompt", os.fsdecode(b"caf\xff "), "--prompt", "",
+               "--max-new-bytes", "0"]) == 0
+  out = capsys.readouterr().out
+  assert "caf\ufffd \n" in out and out.count("--- prompt:") == 2
+  # A stop string never produced changes nothing; a long prompt still continues.
+  assert main([*base, "--prompt", "the quick bro", "--max-new-bytes", "12"]) == 0
+  plain = capsys.readouterr().out
+  assert main([*base, "--prompt", "the quick bro", "--max-new-bytes", "12", "--stop",
+               "\x00never\x00"]) == 0
+  assert capsys.readouterr().out == plain
+  assert main([*base, "--prompt", "many words " * 400, "--max-new-bytes", "5"]) == 0
+  with pytest.raises(SystemExit):
+    main([*base, "--max-new-bytes", "-1"])

@@ -154,7 +154,8 @@ def test_cached_greedy_generation_equals_the_reference(runs, family):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_command_line_front_ends(runs, family, tmp_path, capsys):
-  from hat import evaluate, generate, robustness  # pylint: disable=g-import-not-at-top
+  from hat import evaluate, robustness  # pylint: disable=g-import-not-at-top
+  from hat.generate import cli as generate  # pylint: disable=g-import-not-at-top
 
   run = runs[family]
   wd = str(run.workdir)

@@ -1,4 +1,7 @@
-"""Delete gate: soft == hard when saturated, compaction/overflow, KV cache, causality, controller."""
+"""Delete gate: soft == hard when saturated, compaction/overflow, causality, controller.
+
+Cached generation with the gate (compacted KV): tests/test_generate_families.py.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from conftest import rngs, tiny_model_config
 from test_train import ROOT
 from hat.config import ConfigError, DeleteGateConfig, GateConfig, MergeGateConfig, from_config_dict
 from hat.data.layout import hat_batch_from_texts
-from hat.models import build_model, gated_hat, gates
+from hat.models import build_model, gates
 
 DOCS = [b"the quick brown fox jumps over the lazy dog. ", b"hello world, hi there you."]
 
@@ -75,26 +78,6 @@ def test_hard_deletion_overflow_is_counted():
   _, aux = model(_batch(), hard=True)
   real = np.asarray(_batch()["unit_segment_BxW"]) > 0
   assert float(aux["kv_overflow"]) == real.sum() - 2 * real.shape[0]
-
-
-def test_kv_cache_steps_match_batched_hard_pass_and_skip_deleted_words():
-  model = _model(seed=1)
-  _saturate(model)
-  batch = _batch(DOCS[:1])
-  units, aux = model.encode(batch, {}), {}
-  words, pos = units.x_BxWxD, batch["unit_pos_BxW"]
-  p_full = model.backbone_stage(units, aux, hard=True)
-  n = int(batch["num_units_B"][0])
-  caches = gated_hat.empty_backbone_caches(model, 1, 32)
-  step = jax.jit(lambda c, x, p: gated_hat.backbone_step(model, x, p, c))
-  for j in range(n):
-    p_j, caches = step(caches, words[:, j:j + 1], pos[:, j])
-    np.testing.assert_allclose(p_j[0, 0], p_full[0, j], atol=1e-5)
-  kept = n - int(aux["gate_deleted"])
-  assert 0 < kept < n
-  assert [int(c["len_B"][0]) for c in caches["upper"]] == [kept]  # deleted: no K/V entry
-  assert [int(c["len_B"][0]) for c in caches["lower"]] == [n]
-  assert gated_hat.kv_entries(caches) == n + kept
 
 
 @pytest.mark.parametrize("hard", [False, True])

@@ -1,4 +1,7 @@
-"""Cached generation: equal to the uncached reference, no recompilation, sampling, overflow."""
+"""Cached generation (HAT, token LMs): equal to the uncached reference, compiles, sampling, overflow.
+
+Delete-gated and merge HAT, and input handling: tests/test_generate_families.py.
+"""
 
 import dataclasses
 
@@ -14,7 +17,6 @@ from hat.generate import (HATSampler, ReferenceHATSampler, ReferenceTokenSampler
                           SampleOptions, TokenSampler, make_sampler, sample_on_device)
 from hat.models import build_model
 from hat.text.codec import W_ID
-from hat.text.splitter import Splitter
 from hat.text.tokenizers import ByteTokenizer
 
 GREEDY = SampleOptions(temperature=0.0, max_new_bytes=24)
@@ -40,19 +42,13 @@ def hat_model():
   return model, cfg
 
 
-def _count_calls(sampler, name):
-  calls, fn = [], getattr(sampler, name)
-  setattr(sampler, name, lambda *a: calls.append(1) or fn(*a))
-  return calls
-
-
 def test_hat_cached_equals_uncached_greedy(hat_model):
   model, cfg = hat_model
-  splitter = Splitter(cfg.data.splitter, cfg.data.max_word_bytes)
-  cached, ref = HATSampler(model, cfg, splitter), ReferenceHATSampler(model, cfg, splitter)
-  words = _count_calls(cached, "word_fn")
+  cached, ref = HATSampler(model, cfg), ReferenceHATSampler(model, cfg)
   batched = cached.generate_batch(PROMPTS, GREEDY)
-  assert len(words) >= 3  # words were committed through the backbone cache
+  units = np.asarray(cached.last_state["units_B"])
+  prompt_units = np.array([max(1, len(cached.splitter.split(p))) for p in PROMPTS])  # START+words
+  assert (units - prompt_units).sum() >= 3  # words were committed through the backbone cache
   for prompt, got in zip(PROMPTS, batched):
     assert got == ref.generate(prompt, GREEDY), prompt
   assert cached.generate(PROMPTS[0], GREEDY) == batched[0]
@@ -81,12 +77,15 @@ def test_no_recompilation_across_words_prompts_and_options(hat_model):
   sampler.generate_batch(PROMPTS[:2], GREEDY)
   sampler.generate_batch(PROMPTS[2:], SampleOptions(temperature=0.7, top_k=5, top_p=0.9,
                                                     max_new_bytes=30, seed=3))
-  assert sampler.compile_counts() == {"prefill": 1, "byte": 1, "word": 1}
+  assert sampler.compile_counts() == {"prefill": 1, "chunk": 1}
+  sampler.generate_batch(PROMPTS[:3], GREEDY)  # a new batch size compiles once more
+  sampler.generate_batch(PROMPTS[1:], SampleOptions(max_new_bytes=5, stop=("e",)))
+  assert sampler.compile_counts() == {"prefill": 2, "chunk": 2}
   tok_sampler = make_sampler(build_model(_cfg("byte").model, vocab_size=259, rngs=rngs(3)),
                              _cfg("byte", max_tokens=40), ByteTokenizer())
   tok_sampler.generate_batch([b"a", b"bc"], SampleOptions(max_new_bytes=50))  # slides too
   tok_sampler.generate_batch([b"xyz", b""], GREEDY)
-  assert tok_sampler.compile_counts() == {"prefill": 1, "step": 1}
+  assert tok_sampler.compile_counts() == {"prefill": 1, "chunk": 1}
 
 
 def test_sampling_options(hat_model):
@@ -122,11 +121,10 @@ def test_sample_on_device_top_k_top_p():
 
 def test_backbone_cache_overflow_is_explicit(hat_model):
   model, cfg = hat_model
-  splitter = Splitter(cfg.data.splitter, cfg.data.max_word_bytes)
   opts = dataclasses.replace(GREEDY, max_new_bytes=40)
   with pytest.raises(CapacityError, match="6 units"):
-    HATSampler(model, cfg, splitter, max_units=6, overflow="error").generate(PROMPTS[2], opts)
-  slid = HATSampler(model, cfg, splitter, max_units=6).generate_batch(PROMPTS, opts)
+    HATSampler(model, cfg, max_units=6, overflow="error").generate(PROMPTS[2], opts)
+  slid = HATSampler(model, cfg, max_units=6).generate_batch(PROMPTS, opts)
   assert all(len(s) <= 40 for s in slid) and max(map(len, slid)) == 40
   tok_cfg = _cfg("byte", max_tokens=16)
   tok_model = build_model(tok_cfg.model, vocab_size=259, rngs=rngs(3))

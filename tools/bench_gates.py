@@ -32,11 +32,9 @@ from hat.config import resolve  # noqa: E402
 from hat.data import pipeline  # noqa: E402
 from hat.family import family_of  # noqa: E402
 from hat.data.sources import parse_eval_sets  # noqa: E402
-from hat.models import gated_hat, gates, model_vocab_size  # noqa: E402
+from hat.models import gates, model_vocab_size  # noqa: E402
 from hat.models.losses import bits_per_byte  # noqa: E402
 from hat.sharding import make_mesh  # noqa: E402
-from hat.text.codec import PAD_ID, S_ID, W_ID  # noqa: E402
-from hat.text.splitter import Splitter  # noqa: E402
 from hat.train.state import MODEL, init_state, model_from_state, state_spec  # noqa: E402
 from hat.train.step import make_eval_step, make_train_step  # noqa: E402
 
@@ -115,83 +113,18 @@ def _hard_eval_fn(model):
   return run
 
 
-class CachedGreedyHAT:
-  """Greedy word-by-word HAT generation with a word-level KV cache (plain or gated)."""
-
-  def __init__(self, model, cfg, context_units: int = 512):
-    self.model, self.cfg, self.context = model, cfg, context_units
-    self.row = cfg.data.row_len
-    graphdef, self.state = nnx.split(model)
-
-    @jax.jit
-    def encode(state, ids_1xC):
-      m = nnx.merge(graphdef, state)
-      used = (ids_1xC != PAD_ID).astype(jnp.int32)
-      pos = jnp.arange(ids_1xC.shape[1])[None]
-      h = m.encoder(jnp.take(m.enc_embed[...], ids_1xC, axis=0), segment_BxL=used, pos_BxL=pos)
-      return jnp.einsum("bd,de->be", h[:, 0], m.w_enc[...])[:, None]
-
-    @jax.jit
-    def step(state, caches, x_1x1xD, pos_1):
-      return gated_hat.backbone_step(nnx.merge(graphdef, state), x_1x1xD, pos_1, caches)
-
-    @jax.jit
-    def decode(state, p_1x1xd, ids_1xC, n):
-      m = nnx.merge(graphdef, state)
-      x = jnp.take(m._dec_table(), ids_1xC, axis=0)
-      x = jnp.where((jnp.arange(ids_1xC.shape[1]) == 0)[None, :, None], p_1x1xd, x)
-      used = (jnp.arange(ids_1xC.shape[1]) <= n)[None].astype(jnp.int32)
-      pos = jnp.arange(ids_1xC.shape[1])[None]
-      h = m.decoder(x, segment_BxL=used, pos_BxL=pos)
-      return h[0, n] @ m.head[...]
-
-    self._encode, self._step, self._decode = encode, step, decode
-
-  def _row(self, marker: int, word: bytes):
-    ids = np.full((1, self.row), PAD_ID, np.int32)
-    ids[0, 0] = marker
-    ids[0, 1:1 + len(word)] = list(word)
-    return jnp.asarray(ids)
-
-  def generate(self, prompt: bytes, max_new_bytes: int):
-    """-> (new bytes, caches): greedy, the prompt's words committed first."""
-    capacity = self.context
-    caches = gated_hat.empty_backbone_caches(self.model, 1, self.context, capacity)
-    words = Splitter(self.cfg.data.splitter, self.cfg.data.max_word_bytes).split(prompt)
-    units = [(S_ID, b"")] + [(W_ID, w) for w in words]
-    p = None
-    for j, (marker, word) in enumerate(units):
-      p, caches = self._step(self.state, caches, self._encode(self.state, self._row(marker, word)),
-                             jnp.array([j], jnp.int32))
-    pos, partial, out = len(units), b"", b""
-    while len(out) < max_new_bytes and pos < self.context:
-      ids = self._row(PAD_ID, partial)
-      logits = np.array(self._decode(self.state, p, ids, len(partial)))
-      logits[PAD_ID] = -np.inf
-      logits[W_ID if not partial else S_ID] = -np.inf
-      if len(partial) >= self.cfg.data.max_word_bytes:
-        logits[:256] = -np.inf
-      sym = int(np.argmax(logits))
-      if sym == S_ID:
-        break
-      if sym == W_ID:
-        x = self._encode(self.state, self._row(W_ID, partial))
-        p, caches = self._step(self.state, caches, x, jnp.array([pos], jnp.int32))
-        pos, partial = pos + 1, b""
-        continue
-      partial += bytes([sym])
-      out += bytes([sym])
-    return out, caches
-
-
 def generation_stats(model, cfg, n_bytes: int):
   """Greedy generation bytes/s (after a warm-up call) and KV entries per backbone layer."""
-  gen = CachedGreedyHAT(model, cfg)
-  gen.generate(b"The ", 8)  # compile
+  from hat.generate import HATSampler, SampleOptions  # pylint: disable=g-import-not-at-top
+  sampler = HATSampler(model, cfg, max_units=512)
+  opts = SampleOptions(temperature=0.0, max_new_bytes=n_bytes)
+  sampler.generate(b"The ", opts)  # compile
   t0 = time.perf_counter()
-  out, caches = gen.generate(b"It was the best of times, it was the ", n_bytes)
+  out = sampler.generate(b"It was the best of times, it was the ", opts)
   dt = time.perf_counter() - t0
-  lens = [int(c["len_B"][0]) for c in caches["lower"] + caches["upper"]]
+  caches = sampler.last_state["bb"]
+  lens = [int(c["length_B"][0]) for key in ("bb", "lower", "upper") if key in caches
+          for c in [caches[key]] for _ in range(c["k"].shape[0])]
   return {"gen_bytes_per_s": len(out) / dt, "gen_kv_entries": sum(lens),
           "gen_kv_per_layer": lens, "sample": out.decode("utf-8", "replace")[:60]}
 

@@ -1,14 +1,18 @@
-"""Generation speed: HAT vs the BPE baseline (and the flat byte LM) on the same backbone.
+"""Generation speed of every model family with the cached, device-resident samplers.
 
-    python tools/bench_generate.py --out bench_generate.json
-    python tools/bench_generate.py --hat configs/tiny_hat.py --batches 1,32 --new-bytes 256
+    python tools/bench_generate.py --out bench_generate.json            # random weights
+    python tools/bench_generate.py --run hat=runs/hat --run bpe=runs/bpe --batches 1,32,128
 
-Models come from the tiny configs with random weights (speed does not depend on training),
-except that HAT's `[W]` logit is scaled so that words end after a few bytes, as in a trained
-model; the measured bytes per word / per token are reported next to the speeds. The BPE
-tokenizer is trained in a temporary directory on `../shared/data/corpus/en` when present,
-else on the built-in corpus. Each (model, batch) pair is compiled by a warm-up call first;
-the timed call samples `--new-bytes` bytes per row with the cached samplers.
+Random-weight mode (no --run) builds the five tiny configs (HAT, delete-gated HAT, merge
+HAT, BPE, byte LM; same backbone) with random weights; HAT's `[W]` logit is scaled so
+that words end after a few bytes, and the BPE tokenizer is trained in a temporary
+directory on `../shared/data/corpus/en` when present, else on the built-in corpus. With
+`--run NAME=workdir` the trained runs are loaded instead, so speed is measured on real
+word lengths and real `[W]` / gate decisions.
+
+Each (model, batch) pair is compiled by a warm-up call, then timed over `--repeats`
+calls of `--new-bytes` bytes per row; the median is reported. Rows also give bytes per
+generated word (token, chunk) and the backbone KV cache held per generated word.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -25,16 +30,20 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
+import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from hat import config as C  # noqa: E402
 from hat.cli import entry_point  # noqa: E402
+from hat.family import family_of  # noqa: E402
 from hat.generate import SampleOptions, make_sampler  # noqa: E402
-from hat.models import build_model  # noqa: E402
 from hat.text.codec import W_ID  # noqa: E402
 from hat.text.tokenizers import ByteTokenizer  # noqa: E402
 
 PROMPT = b"The history of the city begins with a small settlement on the river, where"
+CONFIGS = {"hat": "configs/tiny_hat.py", "hat_delete": "configs/tiny_hat_delete.py",
+           "hat_merge": "configs/tiny_hat_merge.py", "bpe": "configs/tiny_bpe.py",
+           "byte": "configs/tiny_byte.py"}
 
 
 def _corpus_texts(max_bytes: int) -> list[bytes]:
@@ -54,39 +63,73 @@ def _corpus_texts(max_bytes: int) -> list[bytes]:
   return texts
 
 
-def _build(config_path: str, tokenizer=None, w_scale: float = 0.0):
+def _random_model(config_path: str, tokenizer=None, w_scale: float = 0.0):
   cfg = C.resolve(config_path, [])
-  vocab = tokenizer.vocab_size if tokenizer is not None else 259
-  model = build_model(cfg, vocab_size=vocab, rngs=nnx.Rngs(0))
-  if w_scale:
+  family = family_of(cfg)
+  if family.tokenizer == "byte":
+    tokenizer = ByteTokenizer()
+  vocab = family.vocab_size(cfg, tokenizer)
+  model = family.build_model(cfg, vocab, nnx.Rngs(0))
+  if w_scale and family.words:
     model.head[...] = model.head[...].at[:, W_ID].multiply(w_scale)
-  return make_sampler(model, cfg, tokenizer), cfg
+  return model, cfg, tokenizer
 
 
-def _time(sampler, batch: int, new_bytes: int, opts: SampleOptions) -> dict:
+def kv_held(state: dict) -> tuple[int, int]:
+  """(bytes of K/V entries held, bytes allocated) over every backbone cache in `state`."""
+  held = alloc = 0
+  caches = state.get("bb", state.get("cache"))
+  todo = [caches]
+  while todo:
+    c = todo.pop()
+    if isinstance(c, dict) and "k" in c and "length_B" in c:
+      layers, _, groups, _, head_dim = c["k"].shape
+      per_entry = 2 * layers * groups * head_dim * c["k"].dtype.itemsize
+      held += per_entry * int(np.sum(np.asarray(c["length_B"])))
+      alloc += int(c["k"].nbytes + c["v"].nbytes)
+    elif isinstance(c, dict):
+      todo.extend(c.values())
+  return held, alloc
+
+
+def _units(sampler) -> int:
+  """Backbone positions of the last call: units (HAT), chunks (merge) or tokens."""
+  st = sampler.last_state
+  if "units_B" in st:
+    return int(np.sum(np.asarray(st["units_B"])))
+  if "t_B" in st:
+    return int(np.sum(np.asarray(st["bb"]["length_B"])))
+  return int(np.sum(np.asarray(st["cache"]["length_B"])))
+
+
+def _time(sampler, batch: int, opts: SampleOptions, repeats: int) -> dict:
   prompts = [PROMPT[: len(PROMPT) - (i % 7)] for i in range(batch)]
-  sampler.generate_batch(prompts, opts)  # compiles every step function
-  calls = {"steps": 0, "words": 0}
-  word_fn = getattr(sampler, "word_fn", None)
-
-  def counted(params, st, commit_B):
-    calls["steps"] += 1
-    calls["words"] += int(commit_B.sum())
-    return word_fn(params, st, commit_B)
-
-  if word_fn is not None:
-    sampler.word_fn = counted
-  start = time.perf_counter()
-  outs = sampler.generate_batch(prompts, opts)
-  wall = time.perf_counter() - start
-  if word_fn is not None:
-    sampler.word_fn = word_fn
-  total = sum(map(len, outs))
+  sampler.generate_batch(prompts[:1] * batch, opts)  # compiles every step function
+  walls, totals = [], []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    outs = sampler.generate_batch(prompts, opts)
+    walls.append(time.perf_counter() - start)
+    totals.append(sum(map(len, outs)))
+  rates = [t / w for t, w in zip(totals, walls)]
+  units = _units(sampler)
+  # Positions the prompts alone take (START/BOS + prompt words or tokens or chunks).
+  sampler.generate_batch(prompts, SampleOptions(temperature=0.0, max_new_bytes=1))
+  base_units = _units(sampler)
+  sampler.generate_batch(prompts, opts)
+  held, alloc = kv_held(sampler.last_state)
+  new_units = max(units - base_units, 1)
+  bb = sampler.last_state.get("bb", {})
+  extra = {}
+  if "deleted_B" in bb:  # delete gate: fraction of committed words left out above it
+    extra["deleted_fraction"] = float(np.sum(np.asarray(bb["deleted_B"]))) / max(units, 1)
   longest = max(map(len, outs))
-  return {"batch": batch, "bytes": total, "seconds": wall, "bytes_per_s": total / wall,
-          "ms_per_byte_per_row": 1e3 * wall / max(longest, 1),
-          "backbone_steps": calls["steps"] if word_fn is not None else None,
-          "words": calls["words"] if word_fn is not None else None}
+  return {"batch": batch, "bytes": totals[-1], "seconds": statistics.median(walls),
+          "bytes_per_s": statistics.median(rates), "bytes_per_s_all": rates,
+          "ms_per_byte_per_row": 1e3 * statistics.median(walls) / max(longest, 1),
+          "bytes_per_position": totals[-1] / new_units,
+          "kv_bytes_held": held, "kv_bytes_allocated": alloc,
+          "kv_bytes_per_position": held / max(units, 1), **extra}
 
 
 @entry_point
@@ -94,52 +137,65 @@ def main(argv=None) -> int:
   """Runs the benchmark and prints a markdown table; writes JSON with --out."""
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--hat", default="configs/tiny_hat.py")
-  ap.add_argument("--bpe", default="configs/tiny_bpe.py")
-  ap.add_argument("--byte", default="configs/tiny_byte.py", help="empty to skip")
+  ap.add_argument("--run", action="append", default=[], metavar="NAME=WORKDIR",
+                  help="a trained run (repeatable); without any, random-weight models")
+  ap.add_argument("--models", default=",".join(CONFIGS),
+                  help="random-weight mode: families to build from the tiny configs")
   ap.add_argument("--bpe-vocab", type=int, default=2048)
   ap.add_argument("--bpe-train-bytes", type=int, default=2_000_000)
-  ap.add_argument("--batches", default="1,32")
+  ap.add_argument("--batches", default="1,32,128")
   ap.add_argument("--new-bytes", type=int, default=192)
+  ap.add_argument("--repeats", type=int, default=3, help="timed calls per row (median)")
+  ap.add_argument("--chunk-steps", type=int, default=64, help="device ticks per host transfer")
   ap.add_argument("--w-scale", type=float, default=10.0,
                   help="HAT [W] logit scale for random weights (words of a few bytes)")
   ap.add_argument("--out", default="", help="JSON results file")
   args = ap.parse_args(argv)
 
-  from hat.text.bpe import train_bpe
-  with tempfile.TemporaryDirectory() as tmp:
-    tok = train_bpe(_corpus_texts(args.bpe_train_bytes), args.bpe_vocab,
-                    pathlib.Path(tmp) / "bpe.model")
-  models = {"hat": _build(args.hat, w_scale=args.w_scale),
-            "bpe": _build(args.bpe, tokenizer=tok)}
-  if args.byte:
-    models["byte"] = _build(args.byte, tokenizer=ByteTokenizer())
+  models = {}
+  if args.run:
+    from hat.rundir import load_for_inference
+    for spec in args.run:
+      name, _, workdir = spec.partition("=")
+      if not workdir:
+        ap.error(f"--run wants NAME=WORKDIR, got {spec!r}")
+      models[name] = (*load_for_inference(workdir), workdir)
+  else:
+    tok = None
+    names = [n for n in args.models.split(",") if n]
+    if "bpe" in names:
+      from hat.text.bpe import train_bpe
+      with tempfile.TemporaryDirectory() as tmp:
+        tok = train_bpe(_corpus_texts(args.bpe_train_bytes), args.bpe_vocab,
+                        pathlib.Path(tmp) / "bpe.model")
+    for name in names:
+      models[name] = (*_random_model(CONFIGS[name], tok, args.w_scale), CONFIGS[name])
   opts = SampleOptions(temperature=1.0, top_k=50, max_new_bytes=args.new_bytes, seed=0)
   dev = jax.devices()[0]
   machine = {"platform": dev.platform, "device_kind": dev.device_kind,
              "num_devices": jax.device_count(), "host": platform.platform(),
-             "cpu_count": os.cpu_count(), "jax": jax.__version__}
+             "processor": platform.processor(), "cpu_count": os.cpu_count(),
+             "jax": jax.__version__}
   print(f"machine: {machine}", flush=True)
   rows = []
-  for batch in [int(b) for b in args.batches.split(",")]:
-    for name, (sampler, cfg) in models.items():
-      r = {"model": name, "config": getattr(args, name), **_time(sampler, batch,
-                                                                 args.new_bytes, opts)}
+  for name, (model, cfg, tok, source) in models.items():
+    sampler = make_sampler(model, cfg, tok, chunk_steps=args.chunk_steps)
+    for batch in [int(b) for b in args.batches.split(",")]:
+      r = {"model": name, "family": family_of(cfg).name, "source": source,
+           **_time(sampler, batch, opts, args.repeats)}
       bb = cfg.model.backbone
       r["backbone"] = f"{bb.num_layers}x{bb.d_model}"
-      if r["words"]:
-        r["bytes_per_word"] = r["bytes"] / r["words"]
       rows.append(r)
       print(json.dumps(r), flush=True)
   print(f"\n{machine['platform']} ({machine['device_kind']}), new bytes per row "
-        f"{args.new_bytes}\n")
-  print("| model | backbone | batch | bytes | s | bytes/s | ms/byte (per row) | bytes/word |")
-  print("|---|---|---|---|---|---|---|---|")
+        f"{args.new_bytes}, median of {args.repeats}\n")
+  print("| model | backbone | batch | bytes/s | ms/byte (per row) | bytes/position | "
+        "KV bytes/position |")
+  print("|---|---|---|---|---|---|---|")
   for r in rows:
-    bpw = f"{r['bytes_per_word']:.1f}" if "bytes_per_word" in r else "-"
-    print(f"| {r['model']} | {r['backbone']} | {r['batch']} | {r['bytes']} | "
-          f"{r['seconds']:.2f} | {r['bytes_per_s']:.0f} | {r['ms_per_byte_per_row']:.2f} | "
-          f"{bpw} |")
+    print(f"| {r['model']} | {r['backbone']} | {r['batch']} | {r['bytes_per_s']:.0f} | "
+          f"{r['ms_per_byte_per_row']:.2f} | {r['bytes_per_position']:.1f} | "
+          f"{r['kv_bytes_per_position']:.0f} |")
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps({"machine": machine, "results": rows},
                                                  indent=2))

@@ -87,22 +87,52 @@ def segment_mask(segment_BxL: jax.Array, causal: bool) -> jax.Array:
   return mask_BxLxL
 
 
+def attend(q_BxTxHxK: jax.Array, k_BxGxMxK: jax.Array, v_BxGxMxK: jax.Array,
+           mask_BxTxM: jax.Array, *, bias_BxTxM: jax.Array | None = None,
+           self_kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+  """Grouped-query attention math of T queries over M keys, fp32 softmax (train and cache).
+
+  Keys/values are (B, G, M, K): kv heads before length, so the matmuls have leading
+  batch dims (~25x faster than (B, M, G, K) for one query on CPU). `self_kv` =
+  (k_BxTxGxK, v_BxTxGxK) adds each query's own key as one more, always visible, key: a
+  KV cache that does not hold a position (hard deletion, a full cache) still lets that
+  position attend to itself. A query with no visible key gets zero output.
+  """
+  batch, num_q, heads, head_dim = q_BxTxHxK.shape
+  groups = k_BxGxMxK.shape[1]
+  reps = heads // groups
+  scale = head_dim**-0.5
+  q_BxGxRxTxK = q_BxTxHxK.reshape(batch, num_q, groups, reps, head_dim).transpose(
+      0, 2, 3, 1, 4)
+  logits_BxGxRxTxM = jnp.einsum("bgrtk,bgmk->bgrtm", q_BxGxRxTxK, k_BxGxMxK,
+                                preferred_element_type=jnp.float32) * scale
+  if bias_BxTxM is not None:
+    logits_BxGxRxTxM = logits_BxGxRxTxM + bias_BxTxM[:, None, None].astype(jnp.float32)
+  mask_Bx1x1xTxM = mask_BxTxM[:, None, None]
+  logits_BxGxRxTxM = jnp.where(mask_Bx1x1xTxM, logits_BxGxRxTxM, _MASK_VALUE)
+  num_keys = logits_BxGxRxTxM.shape[-1]
+  if self_kv is not None:
+    k_self_BxTxGxK, v_self_BxTxGxK = self_kv
+    self_BxGxRxTx1 = jnp.einsum("bgrtk,btgk->bgrt", q_BxGxRxTxK, k_self_BxTxGxK,
+                                preferred_element_type=jnp.float32)[..., None] * scale
+    logits_BxGxRxTxM = jnp.concatenate([logits_BxGxRxTxM, self_BxGxRxTx1], axis=-1)
+  probs_BxGxRxTxM = jax.nn.softmax(logits_BxGxRxTxM, axis=-1)
+  if self_kv is None:
+    # A row with no visible key would average over everything: give it zero output.
+    probs_BxGxRxTxM = jnp.where(mask_Bx1x1xTxM.any(-1, keepdims=True), probs_BxGxRxTxM, 0.0)
+  out_BxGxRxTxK = jnp.einsum("bgrtm,bgmk->bgrtk",
+                             probs_BxGxRxTxM[..., :num_keys].astype(v_BxGxMxK.dtype),
+                             v_BxGxMxK)
+  if self_kv is not None:
+    out_BxGxRxTxK = out_BxGxRxTxK + jnp.einsum(
+        "bgrt,btgk->bgrtk", probs_BxGxRxTxM[..., num_keys].astype(v_self_BxTxGxK.dtype),
+        v_self_BxTxGxK)
+  return out_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(batch, num_q, heads, head_dim)
+
+
 def _xla_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL, bias_BxLxL=None):
-  batch, length, heads, head_dim = q_BxLxHxK.shape
-  groups = k_BxLxGxK.shape[2]
-  q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, groups, heads // groups, head_dim)
-  logits_BxGxRxLxL = jnp.einsum("bqgrk,bsgk->bgrqs", q_BxLxGxRxK, k_BxLxGxK,
-                                preferred_element_type=jnp.float32) * head_dim**-0.5
-  if bias_BxLxL is not None:
-    logits_BxGxRxLxL = logits_BxGxRxLxL + bias_BxLxL[:, None, None].astype(jnp.float32)
-  mask_Bx1x1xLxL = mask_BxLxL[:, None, None]
-  logits_BxGxRxLxL = jnp.where(mask_Bx1x1xLxL, logits_BxGxRxLxL, _MASK_VALUE)
-  probs_BxGxRxLxL = jax.nn.softmax(logits_BxGxRxLxL, axis=-1)
-  # A row with no visible key would average over everything: give it zero output.
-  probs_BxGxRxLxL = jnp.where(mask_Bx1x1xLxL.any(-1, keepdims=True), probs_BxGxRxLxL, 0.0)
-  out_BxLxGxRxK = jnp.einsum("bgrqs,bsgk->bqgrk", probs_BxGxRxLxL.astype(v_BxLxGxK.dtype),
-                             v_BxLxGxK)
-  return out_BxLxGxRxK.reshape(batch, length, heads, head_dim)
+  return attend(q_BxLxHxK, k_BxLxGxK.transpose(0, 2, 1, 3), v_BxLxGxK.transpose(0, 2, 1, 3),
+                mask_BxLxL, bias_BxTxM=bias_BxLxL)
 
 
 def _cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL, causal: bool,
@@ -186,45 +216,6 @@ def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK:
   raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
 
 
-def cache_write(cache_BxGxMxK: jax.Array, new_BxTxGxK: jax.Array,
-                length_B: jax.Array) -> jax.Array:
-  """Writes T new entries per row at [length, length+T); entries past capacity are dropped."""
-  batch, num_new = new_BxTxGxK.shape[:2]
-  idx_BxT = length_B[:, None] + jnp.arange(num_new, dtype=length_B.dtype)[None]
-  row_BxT = jnp.broadcast_to(jnp.arange(batch)[:, None], idx_BxT.shape)
-  # "drop": a clamped write would silently overwrite valid entries at the end.
-  return cache_BxGxMxK.at[row_BxT, :, idx_BxT].set(new_BxTxGxK.astype(cache_BxGxMxK.dtype),
-                                                   mode="drop")
-
-
-def cached_attention(q_BxTxHxK: jax.Array, k_BxGxMxK: jax.Array, v_BxGxMxK: jax.Array,
-                     mask_BxTxM: jax.Array) -> jax.Array:
-  """Attention of T queries over a (B, G, M, K) cache; math of `_xla_attention`."""
-  # Cache layout with kv heads before length: batched matmuls with leading batch dims,
-  # ~25x faster than the training layout for one query on CPU.
-  batch, num_new, heads, head_dim = q_BxTxHxK.shape
-  groups = k_BxGxMxK.shape[1]
-  reps = heads // groups
-  q_BxGxQxK = q_BxTxHxK.reshape(batch, num_new, groups, reps, head_dim).transpose(
-      0, 2, 3, 1, 4).reshape(batch, groups, reps * num_new, head_dim)
-  logits_BxGxQxM = jnp.einsum("bgqk,bgmk->bgqm", q_BxGxQxK, k_BxGxMxK,
-                              preferred_element_type=jnp.float32) * head_dim**-0.5
-  mask_Bx1xQxM = jnp.broadcast_to(mask_BxTxM[:, None], (batch, reps) + mask_BxTxM.shape[1:])
-  mask_Bx1xQxM = mask_Bx1xQxM.reshape(batch, 1, reps * num_new, -1)
-  logits_BxGxQxM = jnp.where(mask_Bx1xQxM, logits_BxGxQxM, _MASK_VALUE)
-  probs_BxGxQxM = jax.nn.softmax(logits_BxGxQxM, axis=-1)
-  out_BxGxQxK = jnp.einsum("bgqm,bgmk->bgqk", probs_BxGxQxM.astype(v_BxGxMxK.dtype),
-                           v_BxGxMxK)
-  return out_BxGxQxK.reshape(batch, groups, reps, num_new, head_dim).transpose(
-      0, 3, 1, 2, 4).reshape(batch, num_new, heads, head_dim)
-
-
-def cache_mask(length_B: jax.Array, num_new: int, capacity: int) -> jax.Array:
-  """Boolean (B, T, M): new query t of a row sees cache entries [0, length + t]."""
-  limit_BxT = length_B[:, None] + jnp.arange(num_new, dtype=length_B.dtype)[None] + 1
-  return jnp.arange(capacity)[None, None, :] < limit_BxT[:, :, None]
-
-
 class Attention(nnx.Module):
   """Self-attention with RoPE and grouped-query heads (num_kv_heads divides num_heads)."""
 
@@ -239,46 +230,34 @@ class Attention(nnx.Module):
     self.wv = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), fan_in=d, dtype=pd)
     self.wo = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), fan_in=h * k, dtype=pd)
 
-  def __call__(self, x_BxLxD: jax.Array, *, segment_BxL: jax.Array, pos_BxL: jax.Array,
-               mask_BxLxL: jax.Array | None = None,
-               bias_BxLxL: jax.Array | None = None) -> jax.Array:
+  def qkv(self, x_BxLxD: jax.Array, pos_BxL: jax.Array):
+    """Queries, keys and values with RoPE: (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)."""
     cd = self.compute_dtype
     x = x_BxLxD.astype(cd)
     q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(cd))
     k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x, self.wk[...].astype(cd))
     v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x, self.wv[...].astype(cd))
-    q_BxLxHxK = constrain(rope(q_BxLxHxK, pos_BxL, self.cfg.rope_theta),
-                          ("batch", "length", "heads", "head_dim"))
-    k_BxLxGxK = constrain(rope(k_BxLxGxK, pos_BxL, self.cfg.rope_theta),
-                          ("batch", "length", "kv_heads", "head_dim"))
+    theta = self.cfg.rope_theta
+    return rope(q_BxLxHxK, pos_BxL, theta), rope(k_BxLxGxK, pos_BxL, theta), v_BxLxGxK
+
+  def out(self, att_BxLxHxK: jax.Array) -> jax.Array:
+    """Output projection of the attended values."""
+    cd = self.compute_dtype
+    return jnp.einsum("blhk,hkd->bld", att_BxLxHxK.astype(cd), self.wo[...].astype(cd))
+
+  def __call__(self, x_BxLxD: jax.Array, *, segment_BxL: jax.Array, pos_BxL: jax.Array,
+               mask_BxLxL: jax.Array | None = None,
+               bias_BxLxL: jax.Array | None = None) -> jax.Array:
+    q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self.qkv(x_BxLxD, pos_BxL)
+    q_BxLxHxK = constrain(q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
+    k_BxLxGxK = constrain(k_BxLxGxK, ("batch", "length", "kv_heads", "head_dim"))
     v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "head_dim"))
     out_BxLxHxK = dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
                                         segment_BxL=segment_BxL, causal=self.causal,
                                         impl=self.impl, mask_BxLxL=mask_BxLxL,
                                         bias_BxLxL=bias_BxLxL)
-    return jnp.einsum("blhk,hkd->bld", out_BxLxHxK.astype(cd), self.wo[...].astype(cd))
+    return self.out(out_BxLxHxK)
 
-
-  def extend(self, x_BxTxD: jax.Array, *, pos_BxT: jax.Array, k_BxGxMxK: jax.Array,
-             v_BxGxMxK: jax.Array, length_B: jax.Array):
-    """Causal attention of T new positions over a KV cache -> (out, k cache, v cache)."""
-    if not self.causal:
-      raise ValueError("a KV cache only serves causal attention")
-    cd = self.compute_dtype
-    x = x_BxTxD.astype(cd)
-    q_BxTxHxK = rope(jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(cd)), pos_BxT,
-                     self.cfg.rope_theta)
-    k_BxTxGxK = rope(jnp.einsum("btd,dgk->btgk", x, self.wk[...].astype(cd)), pos_BxT,
-                     self.cfg.rope_theta)
-    v_BxTxGxK = jnp.einsum("btd,dgk->btgk", x, self.wv[...].astype(cd))
-    k_BxGxMxK = cache_write(k_BxGxMxK, k_BxTxGxK, length_B)
-    v_BxGxMxK = cache_write(v_BxGxMxK, v_BxTxGxK, length_B)
-    mask_BxTxM = cache_mask(length_B, x_BxTxD.shape[1], k_BxGxMxK.shape[2])
-    # Plain XLA whatever the training impl: T is 1 (or one prefill) and M is small.
-    out_BxTxHxK = cached_attention(q_BxTxHxK, k_BxGxMxK.astype(cd), v_BxGxMxK.astype(cd),
-                                   mask_BxTxM)
-    out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxHxK.astype(cd), self.wo[...].astype(cd))
-    return out_BxTxD, k_BxGxMxK, v_BxGxMxK
 
 class MLP(nnx.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
@@ -320,15 +299,6 @@ class Block(nnx.Module):
     x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
     return constrain(x_BxLxD, ("batch", "length", "embed"))
 
-
-  def extend(self, x_BxTxD: jax.Array, *, pos_BxT: jax.Array, k_BxGxMxK: jax.Array,
-             v_BxGxMxK: jax.Array, length_B: jax.Array):
-    """The block on T new positions with a KV cache -> (x, k cache, v cache)."""
-    a_BxTxD, k_BxGxMxK, v_BxGxMxK = self.attn.extend(
-        self.attn_norm(x_BxTxD), pos_BxT=pos_BxT, k_BxGxMxK=k_BxGxMxK, v_BxGxMxK=v_BxGxMxK,
-        length_B=length_B)
-    x_BxTxD = x_BxTxD + a_BxTxD
-    return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), k_BxGxMxK, v_BxGxMxK
 
 def _block_fn(graphdef, remat: str):
   """Pure (state, x, ...) -> x for one block, checkpointed per the remat policy."""
@@ -402,38 +372,93 @@ class TransformerStack(nnx.Module):
                                                   mask_BxLxL, bias_BxLxL)
     return self.final_norm(x_BxLxD) if self.final_norm is not None else x_BxLxD
 
-
   def init_cache(self, batch: int, capacity: int, dtype: Any = jnp.float32) -> dict:
-    """Empty KV cache {"k", "v"}: (layers, B, kv_heads, capacity, head_dim) each."""
-    c = self.cfg
-    shape = (c.num_layers, batch, c.num_kv_heads, capacity, c.head_dim)
-    return {"k": jnp.zeros(shape, to_dtype(dtype)), "v": jnp.zeros(shape, to_dtype(dtype))}
+    """Empty KV cache of this stack: see `init_kv_cache`."""
+    return init_kv_cache(self.cfg, batch, capacity, dtype)
 
-  def extend(self, x_BxTxD: jax.Array, *, pos_BxT: jax.Array, cache: dict,
-             length_B: jax.Array) -> tuple[jax.Array, dict]:
-    """Runs T new positions per row after `length_B` cached ones -> (y, updated cache).
+  def extend(self, x_NxTxD: jax.Array, *, pos_NxT: jax.Array, cache: dict,
+             keep_NxT: jax.Array | None = None,
+             rows_N: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Runs T new positions of N rows against the KV cache -> (y_NxTxD, updated cache).
 
-    Prefill (T > 1, from length 0) and one decoding step (T = 1) alike. Entries past a
-    row's length are ignored by the mask, so a row may carry padding at its end; those
-    entries are overwritten when the row really gets there. Same numerics as __call__.
+    Prefill (T > 1) and one decoding step (T = 1) alike. Each new position attends to
+    the row's cached entries, to the kept new positions before it, and to itself. Only
+    positions with `keep_NxT` (default all) are appended, compacted, in order; a full
+    cache drops further entries (the first-M policy of hard deletion). `rows_N` names
+    the cache rows of the N inputs (default: all B rows in order); rows whose positions
+    are all unkept may repeat (padding). Writes are scatters into the stacked cache
+    carried through the layer loop: under jit with a donated cache nothing is copied.
     """
+    if not self.causal:
+      raise ValueError("a KV cache only serves causal attention")
+    num, num_new = x_NxTxD.shape[:2]
+    if keep_NxT is None:
+      keep_NxT = jnp.ones((num, num_new), jnp.bool_)
+    if rows_N is None:
+      rows_N = jnp.arange(num)
+    length_N = cache["length_B"][rows_N]
+    k_all, v_all = cache["k"], cache["v"]
     if self.scan_layers:
       graphdef, state = nnx.split(self.layers)
 
-      def body(x, layer):
-        layer_state, k_BxGxMxK, v_BxGxMxK = layer
-        block = nnx.merge(graphdef, layer_state)
-        x, k_BxGxMxK, v_BxGxMxK = block.extend(x, pos_BxT=pos_BxT, k_BxGxMxK=k_BxGxMxK,
-                                               v_BxGxMxK=v_BxGxMxK, length_B=length_B)
-        return x, (k_BxGxMxK, v_BxGxMxK)
+      def body(carry, layer_state):
+        x, k_all, v_all, layer = carry
+        x, k_all, v_all = block_extend(nnx.merge(graphdef, layer_state), layer, x, pos_NxT,
+                                       k_all, v_all, rows_N, length_N, keep_NxT)
+        return (x, k_all, v_all, layer + 1), None
 
-      x_BxTxD, (k, v) = jax.lax.scan(body, x_BxTxD, (state, cache["k"], cache["v"]))
+      (x_NxTxD, k_all, v_all, _), _ = jax.lax.scan(
+          body, (x_NxTxD, k_all, v_all, jnp.int32(0)), state)
     else:
-      ks, vs = [], []
-      for i, block in enumerate(self.blocks):
-        x_BxTxD, k_i, v_i = block.extend(x_BxTxD, pos_BxT=pos_BxT, k_BxGxMxK=cache["k"][i],
-                                         v_BxGxMxK=cache["v"][i], length_B=length_B)
-        ks.append(k_i), vs.append(v_i)
-      k, v = jnp.stack(ks), jnp.stack(vs)
-    y_BxTxD = self.final_norm(x_BxTxD) if self.final_norm is not None else x_BxTxD
-    return y_BxTxD, {"k": k, "v": v}
+      for layer, block in enumerate(self.blocks):
+        x_NxTxD, k_all, v_all = block_extend(block, layer, x_NxTxD, pos_NxT, k_all, v_all,
+                                             rows_N, length_N, keep_NxT)
+    added_N = jnp.sum(keep_NxT, axis=1, dtype=jnp.int32)
+    capacity = k_all.shape[3]
+    length_B = cache["length_B"].at[rows_N].add(added_N)
+    y_NxTxD = self.final_norm(x_NxTxD) if self.final_norm is not None else x_NxTxD
+    return y_NxTxD, {"k": k_all, "v": v_all, "length_B": jnp.minimum(length_B, capacity)}
+
+
+def init_kv_cache(cfg: TransformerConfig, batch: int, capacity: int,
+                  dtype: Any = jnp.float32) -> dict:
+  """Empty KV cache: "k", "v" (layers, B, kv_heads, capacity, head_dim), "length_B"."""
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+  return {"k": jnp.zeros(shape, to_dtype(dtype)), "v": jnp.zeros(shape, to_dtype(dtype)),
+          "length_B": jnp.zeros((batch,), jnp.int32)}
+
+
+def cache_slots(length_N: jax.Array, keep_NxT: jax.Array,
+                capacity: int) -> tuple[jax.Array, jax.Array]:
+  """Where kept new positions go (capacity = dropped) and what each new query sees.
+
+  Returns (index_NxT, visible_NxTxM): kept position t is written at length + (kept
+  positions before t); query t sees cache entries below that, its own key aside.
+  """
+  keep = keep_NxT.astype(jnp.int32)
+  before_NxT = length_N[:, None] + jnp.cumsum(keep, axis=1) - keep
+  index_NxT = jnp.where(keep_NxT & (before_NxT < capacity), before_NxT, capacity)
+  visible_NxTxM = jnp.arange(capacity)[None, None, :] < before_NxT[:, :, None]
+  return index_NxT, visible_NxTxM
+
+
+def block_extend(block: Block, layer, x_NxTxD: jax.Array, pos_NxT: jax.Array,
+                 k_all: jax.Array, v_all: jax.Array, rows_N: jax.Array, length_N: jax.Array,
+                 keep_NxT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One block over new positions with the stacked (L, B, G, M, K) cache, written in place."""
+  attn = block.attn
+  cd = attn.compute_dtype
+  q_NxTxHxK, k_NxTxGxK, v_NxTxGxK = attn.qkv(block.attn_norm(x_NxTxD), pos_NxT)
+  index_NxT, visible_NxTxM = cache_slots(length_N, keep_NxT, k_all.shape[3])
+  row_NxT = jnp.broadcast_to(rows_N[:, None], index_NxT.shape)
+  # Scatter only the new entries ("drop": a clamped write would hit valid entries).
+  k_all = k_all.at[layer, row_NxT, :, index_NxT].set(k_NxTxGxK.astype(k_all.dtype),
+                                                     mode="drop")
+  v_all = v_all.at[layer, row_NxT, :, index_NxT].set(v_NxTxGxK.astype(v_all.dtype),
+                                                     mode="drop")
+  k_NxGxMxK = jnp.take(k_all[layer], rows_N, axis=0).astype(cd)
+  v_NxGxMxK = jnp.take(v_all[layer], rows_N, axis=0).astype(cd)
+  att_NxTxHxK = attend(q_NxTxHxK, k_NxGxMxK, v_NxGxMxK, visible_NxTxM,
+                       self_kv=(k_NxTxGxK, v_NxTxGxK))
+  x_NxTxD = x_NxTxD + attn.out(att_NxTxHxK)
+  return x_NxTxD + block.mlp(block.mlp_norm(x_NxTxD)), k_all, v_all

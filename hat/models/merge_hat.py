@@ -7,7 +7,7 @@ targets shifted left). Data flow, all causal:
 2. A boundary gate reads each byte's state h_t: a chunk ends at t when p_t > 0.5, or at
    `[S]` (a segment's first position is a chunk of its own, like HAT's START unit), or
    when the chunk reached `max_chunk_bytes`. Every input to the decision lies at or
-   before t, so generation makes the identical decision online (`MergeGenerator`).
+   before t, so generation makes the identical decision online (`hat.generate`).
 3. Chunk ends are compacted to M backbone positions (`capacity`); chunk ends beyond M are
    dropped (their bytes join the last chunk that fit) and counted as `chunk_overflow`.
    A chunk's vector is W_E·h_end times a straight-through confidence (value 1, gradient
@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from hat.config import ModelConfig, merge_capacity
 from hat.models import gates
-from hat.models.gated_hat import empty_caches, step_stack
 from hat.models.hat_model import ByteHierarchy, Units
 from hat.models.layers import embed_lookup
 from hat.sharding import constrain
-from hat.text.codec import BYTE_VOCAB_SIZE, PAD_ID, S_ID, W_ID
+from hat.text.codec import BYTE_VOCAB_SIZE
 
 
 def chunk_boundaries(p_BxT, segment_BxT, pos_BxT, max_chunk: int):
@@ -153,84 +151,3 @@ class MergeHAT(ByteHierarchy):
     if not with_boundaries:
       del aux["boundary_BxT"]
     return logits_BxTxV, aux
-
-
-class MergeGenerator:
-  """Greedy online generation: KV caches for the encoder (bytes) and backbone (chunks).
-
-  Each new byte passes the encoder once; the gate decides there and then whether a chunk
-  ends, and only then does the backbone advance. The decoder re-reads the current span
-  (at most `max_chunk_bytes` positions) for each byte.
-  """
-
-  def __init__(self, model: MergeHAT, *, context_bytes: int = 1024, context_chunks: int = 512):
-    self.model, self.max_chunk = model, model.max_chunk
-    self.context_bytes, self.context_chunks = context_bytes, context_chunks
-    graphdef, state = nnx.split(model)
-    self._state = state
-
-    @jax.jit
-    def enc_step(state, caches, byte_B, pos_B):
-      m = nnx.merge(graphdef, state)
-      x = embed_lookup(m.enc_embed[...], byte_B[:, None], m.compute_dtype)
-      h, caches = step_stack(m.encoder, x, pos_B, caches, jnp.ones_like(pos_B, jnp.bool_))
-      return h, m.gate(h)[:, 0], caches
-
-    @jax.jit
-    def bb_step(state, caches, h_Bx1xd, pos_B):
-      m = nnx.merge(graphdef, state)
-      x = m._chunk_in(h_Bx1xd, jnp.ones(h_Bx1xd.shape[:2], jnp.float32))
-      hb, caches = step_stack(m.backbone, x, pos_B, caches, jnp.ones_like(pos_B, jnp.bool_))
-      return m._chunk_out(hb), caches
-
-    @jax.jit
-    def dec_logits(state, guide_Bx1xd, span_BxC, n_B):
-      m = nnx.merge(graphdef, state)
-      used = jnp.arange(span_BxC.shape[1])[None, :] < n_B[:, None]
-      y = embed_lookup(m._dec_table(), span_BxC, m.compute_dtype) + guide_Bx1xd
-      seg = used.astype(jnp.int32)
-      pos = jnp.broadcast_to(jnp.arange(span_BxC.shape[1])[None], span_BxC.shape)
-      hd = m.decoder(y, segment_BxL=seg, pos_BxL=pos)
-      last = jnp.take_along_axis(hd, (n_B - 1)[:, None, None], axis=1)
-      return m._head(last)[:, 0]
-
-    self._enc_step, self._bb_step, self._dec_logits = enc_step, bb_step, dec_logits
-
-  def generate(self, prompt: bytes, max_new_bytes: int):
-    """Greedy continuation -> (new bytes, boundary flags per stream position, logits)."""
-    m = self.model
-    enc = empty_caches(m.encoder, 1, self.context_bytes)
-    bb = empty_caches(m.backbone, 1, self.context_chunks)
-    stream = [S_ID] + list(prompt)
-    ends, logits_log, new = [], [], []
-    span, run, n_chunks, guide = [], 0, 0, None
-    t = 0
-    while True:
-      sym = stream[t]
-      h, p, enc = self._enc_step(self._state, enc, jnp.array([sym], jnp.int32),
-                                 jnp.array([t], jnp.int32))
-      run = 1 if t == 0 else run + 1
-      end = t == 0 or float(p[0]) > 0.5 or run >= self.max_chunk
-      ends.append(bool(end))
-      if end:
-        guide, bb = self._bb_step(self._state, bb, h, jnp.array([n_chunks], jnp.int32))
-        n_chunks, run, span = n_chunks + 1, 0, [sym]
-      else:
-        span.append(sym)
-      t += 1
-      if t < len(stream):
-        continue
-      if len(new) >= max_new_bytes or t >= self.context_bytes:
-        break
-      padded = np.full((1, self.max_chunk + 1), PAD_ID, np.int32)
-      padded[0, :len(span)] = span
-      logits = np.array(self._dec_logits(self._state, guide, jnp.asarray(padded),
-                                         jnp.array([len(span)], jnp.int32))[0])
-      logits_log.append(logits.copy())
-      logits[[PAD_ID, W_ID]] = -np.inf
-      nxt = int(np.argmax(logits))
-      if nxt == S_ID:
-        break
-      new.append(nxt)
-      stream.append(nxt)
-    return bytes(new), np.array(ends), np.array(logits_log)

@@ -49,15 +49,3 @@ class TokenLM(nnx.Module):
     """Teacher-forced forward over a token batch -> (fp32 logits_BxTxV, aux = {})."""
     h_BxTxD = self.hidden(batch["tokens_BxT"], batch["segment_BxT"], batch["pos_BxT"])
     return self.logits(h_BxTxD), {}
-
-  def init_cache(self, batch: int, capacity: int) -> dict:
-    """Empty backbone KV cache holding `capacity` positions per row."""
-    return self.backbone.init_cache(batch, capacity, self.compute_dtype)
-
-  def extend(self, tokens_BxT: jax.Array, pos_BxT: jax.Array, cache: dict,
-             length_B: jax.Array) -> tuple[jax.Array, dict]:
-    """T new tokens per row after `length_B` cached ones -> (fp32 logits_BxTxV, cache)."""
-    x_BxTxD = embed_lookup(self.embed[...], tokens_BxT, self.compute_dtype)
-    h_BxTxD, cache = self.backbone.extend(x_BxTxD, pos_BxT=pos_BxT, cache=cache,
-                                          length_B=length_B)
-    return self.logits(h_BxTxD), cache

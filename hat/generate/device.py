@@ -1,0 +1,175 @@
+"""The device-resident decoding loop every cached sampler shares, and its host driver.
+
+A sampler is a state dict of device arrays (KV caches, per-row positions, status, keys)
+and a `tick`: one decoding step of every row. `chunk` runs up to `chunk_steps` ticks in a
+`lax.while_loop` on the device and returns the symbols emitted per row and tick: one host
+transfer per chunk, not per byte. Rows advance independently; a row that is done, or
+whose cache is full, idles until the host refills it. The state is donated to every call,
+so caches are updated in place.
+
+The host driver (`generate_batch`) prefills the rows from their prompts, runs chunks
+until every row is done, turns emitted symbols into bytes, applies stop strings (a row
+that produced one is stopped before the next chunk; output is cut at the stop) and, when
+a row's cache is full, re-prefills it from its most recent context (`overflow="slide"`)
+or raises (`overflow="error"`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hat.data import layout
+from hat.generate.sampling import SampleOptions, cut_at_stop, row_keys, stop_strings
+
+OVERFLOW_POLICIES = ("slide", "error")
+DECODING, WAITING, FULL, DONE = 0, 1, 2, 3  # row status
+NO_SYMBOL = -1
+
+
+class DeviceSampler:
+  """Base of the cached samplers: `_init_state`, `_refill`, `_tick` and `_emit` per family."""
+
+  def __init__(self, model: nnx.Module, cfg, *, chunk_steps: int = 64,
+               overflow: str = "slide"):
+    if overflow not in OVERFLOW_POLICIES:
+      raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+    if chunk_steps < 1:
+      raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+    self.model, self.cfg = model, cfg
+    self.chunk_steps, self.overflow = chunk_steps, overflow
+    graphdef, self.params = nnx.split(model)
+    self.prefill_fn = jax.jit(functools.partial(self._prefill_merged, graphdef),
+                              donate_argnums=1)
+    self.chunk_fn = jax.jit(functools.partial(self._chunk, graphdef), donate_argnums=1)
+
+  def compile_counts(self) -> dict[str, int]:
+    """How many times each step function was compiled (one per batch size)."""
+    return {"prefill": self.prefill_fn._cache_size(), "chunk": self.chunk_fn._cache_size()}
+
+  # Per family (device side).
+
+  def _init_state(self, batch: int) -> dict:
+    raise NotImplementedError
+
+  def _prefill(self, model, st: dict, rows_B, *arrays) -> dict:
+    raise NotImplementedError
+
+  def _tick(self, model, st: dict, temperature, top_k, top_p, max_new):
+    """One step of every row -> (state, symbol_B, emitted_B)."""
+    raise NotImplementedError
+
+  # Per family (host side).
+
+  def _new_row(self, prompt: bytes) -> Any:
+    raise NotImplementedError
+
+  def _refill_arrays(self, rows: list, which: np.ndarray, slide: bool) -> tuple:
+    """Host arrays for `_prefill` of the rows in `which` (from the prompt, or sliding)."""
+    raise NotImplementedError
+
+  def _emit(self, row: Any, sym: int) -> bytes:
+    """Records an emitted symbol in the row's history; returns its bytes."""
+    raise NotImplementedError
+
+  # Shared.
+
+  def _prefill_merged(self, graphdef, params, st, rows_B, *arrays):
+    model = nnx.merge(graphdef, params)
+    st = self._prefill(model, st, rows_B, *arrays)
+    return dict(st, status_B=jnp.where(rows_B, DECODING, st["status_B"]))
+
+  def _chunk(self, graphdef, params, st, stop_B, temperature, top_k, top_p, max_new):
+    """Up to `chunk_steps` ticks on the device -> (state, (symbols_BxC, status_B))."""
+    model = nnx.merge(graphdef, params)
+    st = dict(st, status_B=jnp.where(stop_B, DONE, st["status_B"]))
+    batch = stop_B.shape[0]
+    buf_BxC = jnp.full((batch, self.chunk_steps), NO_SYMBOL, jnp.int32)
+
+    def live(st):
+      return jnp.any((st["status_B"] == DECODING) | (st["status_B"] == WAITING))
+
+    def cond(carry):
+      step, st, _ = carry
+      return (step < self.chunk_steps) & live(st)
+
+    def body(carry):
+      step, st, buf_BxC = carry
+      st, sym_B, emit_B = self._tick(model, st, temperature, top_k, top_p, max_new)
+      buf_BxC = jax.lax.dynamic_update_slice_in_dim(
+          buf_BxC, jnp.where(emit_B, sym_B, NO_SYMBOL)[:, None], step, axis=1)
+      return step + 1, st, buf_BxC
+
+    _, st, buf_BxC = jax.lax.while_loop(cond, body, (jnp.int32(0), st, buf_BxC))
+    return st, (buf_BxC, st["status_B"])
+
+  def _refill(self, st, rows: list, which: np.ndarray, slide: bool):
+    if slide and self.overflow == "error":
+      raise layout.CapacityError(self._full_message())
+    arrays = self._refill_arrays(rows, which, slide)
+    return self.prefill_fn(self.params, st, which, *arrays)
+
+  def _full_message(self) -> str:
+    return "generation needs more than the KV cache holds; use overflow='slide'"
+
+  def generate_batch(self, prompts: Sequence[bytes], opts: SampleOptions) -> list[bytes]:
+    """Continues every prompt at once; returns only the new bytes of each."""
+    batch = len(prompts)
+    outs = [b""] * batch
+    if opts.max_new_bytes <= 0 or batch == 0:
+      return outs
+    rows = [self._new_row(bytes(p)) for p in prompts]
+    st = dict(self._init_state(batch), keys_BxK=jnp.asarray(row_keys(opts.seed, batch)),
+              status_B=jnp.full((batch,), DONE, jnp.int32),
+              nout_B=jnp.zeros((batch,), jnp.int32))
+    st = self._refill(st, rows, np.ones(batch, bool), slide=False)
+    stops = stop_strings(opts.stop)
+    stopped = np.zeros(batch, bool)
+    dev_opts = opts.device_args()
+    while True:
+      st, out = self.chunk_fn(self.params, st, stopped, *dev_opts)
+      buf_BxC, status_B = jax.device_get(out)
+      for b in range(batch):
+        syms = buf_BxC[b][buf_BxC[b] != NO_SYMBOL]
+        if not len(syms) or stopped[b]:
+          continue
+        outs[b] += b"".join(self._emit(rows[b], int(s)) for s in syms)
+        if stops and any(s in outs[b] for s in stops):
+          stopped[b] = True
+      full = (status_B == FULL) & ~stopped
+      if full.any():
+        st = self._refill(st, rows, full, slide=True)
+      if not (((status_B == DECODING) | (status_B == WAITING) | full) & ~stopped).any():
+        break
+    self.last_state = st  # caches and counters of the last call, for inspection
+    return [cut_at_stop(o[:opts.max_new_bytes], opts.stop) for o in outs]
+
+  def generate(self, prompt: bytes, opts: SampleOptions) -> bytes:
+    """Continues `prompt`; returns only the new bytes."""
+    return self.generate_batch([prompt], opts)[0]
+
+
+def where_rows(rows_B: jax.Array, new: Any, old: Any) -> Any:
+  """Per-row select along the leading (batch) axis of every leaf."""
+  return jax.tree.map(
+      lambda n, o: jnp.where(rows_B.reshape((-1,) + (1,) * (o.ndim - 1)), n, o), new, old)
+
+
+def reset_length(cache: dict, rows_B: jax.Array) -> dict:
+  """The cache with the lengths of `rows_B` set to 0 (their entries become stale)."""
+  return dict(cache, length_B=jnp.where(rows_B, 0, cache["length_B"]))
+
+
+def embed(table_VxD: jax.Array, ids: jax.Array, dtype: Any) -> jax.Array:
+  """Rows of an embedding table in the compute dtype."""
+  return jnp.take(table_VxD, ids, axis=0).astype(dtype)
+
+
+def project(x_NxTxA: jax.Array, w_AxC: jax.Array, dtype: Any, **kwargs) -> jax.Array:
+  """x @ w in the compute dtype (as the models' projections)."""
+  return jnp.einsum("nta,ac->ntc", x_NxTxA.astype(dtype), w_AxC.astype(dtype), **kwargs)

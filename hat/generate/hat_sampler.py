@@ -1,0 +1,295 @@
+"""Cached, device-resident sampler of the word-level HATs (plain and delete-gated).
+
+The paper's nested loop, per row and on the device: the byte decoder spells the current
+word (its KV cache lives for one word; slot 0 is the predictive embedding p of the
+previous unit, slots 1.. the word's bytes) until it emits `[W]`; the finished word is
+encoded (bidirectionally, over that word alone), the backbone advances one unit for that
+row (word-level KV cache) and the row starts its next word; `[S]` ends the row.
+
+Rows advance independently. Each tick runs one decoder step for every decoding row;
+rows that finished a word in it are encoded and stepped through the backbone together,
+as a fixed-size sub-batch (`word_rows`, the first waiting rows in order, so a row waits
+at most a few ticks), reading their caches and writing one new entry per layer in place.
+No row waits for the longest word of the batch.
+
+The backbone behind the loop comes from the family: a plain causal stack, or the delete
+gate's lower stack + gate + upper stack, whose upper cache holds only the kept words
+(keep mask of `TransformerStack.extend`; the capacity of the batched hard pass), which is
+what `model(batch, hard=True)` attends to.
+
+A prompt is split into words; all but the last are prefilled through the encoder and
+backbone at once, the last (possibly incomplete) word through the decoder, which then
+continues inside it ("the quick bro" -> "wn "), so output does not depend on where the
+prompt was cut.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hat.config import delete_capacity
+from hat.data import layout
+from hat.family import family_of
+from hat.generate import rules
+from hat.generate.device import (DECODING, DONE, FULL, WAITING, DeviceSampler, embed,
+                                 project, reset_length, where_rows)
+from hat.generate.sampling import sample_on_device, split_keys
+from hat.models import gates
+from hat.text.codec import PAD_ID, S_ID, W_ID
+from hat.text.splitter import Splitter
+
+
+def dec_table(model) -> jax.Array:
+  """The decoder's byte embedding table (the encoder's when tied)."""
+  return (model.enc_embed if model.cfg.tie_byte_embeddings else model.dec_embed)[...]
+
+
+def encode_units(model, ids_NxL: jax.Array, num_bytes_N: jax.Array) -> jax.Array:
+  """Encoder over single units `[marker] b_1..b_n` (padded to L) -> words_NxD."""
+  cd = model.compute_dtype
+  length = ids_NxL.shape[1]
+  pos_NxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], ids_NxL.shape)
+  # Segment 1 for the unit, 0 for padding: the same-unit mask of the packed layout.
+  segment_NxL = (pos_NxL <= num_bytes_N[:, None]).astype(jnp.int32)
+  h_NxLxd = model.encoder(embed(model.enc_embed[...], ids_NxL, cd), segment_BxL=segment_NxL,
+                          pos_BxL=pos_NxL)
+  return project(h_NxLxd[:, :1], model.w_enc[...], cd)[:, 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class PlainBackbone:
+  """One causal stack over words, every word cached."""
+
+  capacity: int
+
+  def init(self, model, batch: int) -> dict:
+    return {"bb": model.backbone.init_cache(batch, self.capacity, model.compute_dtype)}
+
+  def reset(self, caches: dict, rows_B) -> dict:
+    return {k: reset_length(c, rows_B) for k, c in caches.items()}
+
+  def run(self, model, words_NxTxD, pos_NxT, caches, keep_NxT, rows_N):
+    """New units through the cached backbone -> (p_NxTxd, caches)."""
+    h, bb = model.backbone.extend(words_NxTxD, pos_NxT=pos_NxT, cache=caches["bb"],
+                                  keep_NxT=keep_NxT, rows_N=rows_N)
+    return project(h, model.w_dec[...], model.compute_dtype), {"bb": bb}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteGatedBackbone:
+  """Lower stack (every word cached), delete gate, upper stack (kept words only)."""
+
+  capacity: int
+  kept_capacity: int
+
+  def init(self, model, batch: int) -> dict:
+    cd = model.compute_dtype
+    # A gate on the word inputs (gate.delete.layer=0) has no lower stack to cache.
+    lower = (model.backbone_lower.init_cache(batch, self.capacity, cd)
+             if model.backbone_lower is not None else {})
+    return {"lower": lower,
+            "upper": model.backbone_upper.init_cache(batch, self.kept_capacity, cd),
+            "deleted_B": jnp.zeros((batch,), jnp.int32)}
+
+  def reset(self, caches: dict, rows_B) -> dict:
+    return {"lower": reset_length(caches["lower"], rows_B) if caches["lower"] else {},
+            "upper": reset_length(caches["upper"], rows_B),
+            "deleted_B": jnp.where(rows_B, 0, caches["deleted_B"])}
+
+  def run(self, model, words_NxTxD, pos_NxT, caches, keep_NxT, rows_N):
+    """New units through lower stack, gate and upper stack -> (p_NxTxd, caches)."""
+    h, lower = words_NxTxD, caches["lower"]
+    if model.backbone_lower is not None:
+      h, lower = model.backbone_lower.extend(words_NxTxD, pos_NxT=pos_NxT,
+                                             cache=caches["lower"], keep_NxT=keep_NxT,
+                                             rows_N=rows_N)
+    gone_NxT = gates.deleted(model.gate(h), model.gate.k) & keep_NxT
+    # A deleted word still runs the upper layers (its own query predicts the next word),
+    # but leaves no K/V entry there.
+    h, upper = model.backbone_upper.extend(h, pos_NxT=pos_NxT, cache=caches["upper"],
+                                           keep_NxT=keep_NxT & ~gone_NxT, rows_N=rows_N)
+    deleted_B = caches["deleted_B"].at[rows_N].add(jnp.sum(gone_NxT, 1, dtype=jnp.int32))
+    p = project(h, model.w_dec[...], model.compute_dtype)
+    return p, {"lower": lower, "upper": upper, "deleted_B": deleted_B}
+
+
+def backbone_for(model, cfg, capacity: int):
+  """The backbone runner of this family (plain or delete-gated)."""
+  if family_of(cfg).gate == "delete":
+    return DeleteGatedBackbone(capacity, delete_capacity(cfg.model.gate.delete, capacity))
+  return PlainBackbone(capacity)
+
+
+class HATSampler(DeviceSampler):
+  """Cached HAT sampler (plain or delete-gated), batched, decoding on the device."""
+
+  def __init__(self, model, cfg, tokenizer=None, *, max_units: int | None = None,
+               overflow: str = "slide", word_rows: float = 0.25, chunk_steps: int = 64):
+    del tokenizer  # words come from the splitter
+    self.splitter = Splitter(cfg.data.splitter, cfg.data.max_word_bytes)
+    self.max_units = max_units or cfg.data.max_units
+    self.max_word = cfg.data.max_word_bytes
+    self.slots = self.max_word + 1  # [W] b_1 .. b_n: encoder input and decoder cache
+    self.word_rows = word_rows
+    self.backbone = backbone_for(model, cfg, self.max_units)
+    super().__init__(model, cfg, chunk_steps=chunk_steps, overflow=overflow)
+
+  def _full_message(self) -> str:
+    return (f"generation needs more than the backbone KV cache of {self.max_units} units; "
+            "raise max_units or use overflow='slide'")
+
+  # Device side.
+
+  def _init_state(self, batch: int) -> dict:
+    model = self.model
+    d_dec = model.cfg.decoder.d_model
+    return {"bb": self.backbone.init(model, batch),
+            "dec": model.decoder.init_cache(batch, self.slots, model.compute_dtype),
+            "p_Bxd": jnp.zeros((batch, d_dec), model.compute_dtype),
+            "word_BxL": jnp.full((batch, self.slots), PAD_ID, jnp.int32),
+            "nbytes_B": jnp.zeros((batch,), jnp.int32),
+            "units_B": jnp.zeros((batch,), jnp.int32)}
+
+  def _prefill(self, model, st, rows_B, ids_BxUxL, nb_BxU, units_B, word_BxL, nbytes_B):
+    """Encoder + backbone over each refilled row's units, decoder over its partial word."""
+    batch, units, slots = ids_BxUxL.shape
+    cd = model.compute_dtype
+    words_BxUxD = encode_units(model, ids_BxUxL.reshape(batch * units, slots),
+                               nb_BxU.reshape(-1)).reshape(batch, units, -1)
+    pos_BxU = jnp.broadcast_to(jnp.arange(units, dtype=jnp.int32)[None], (batch, units))
+    keep_BxU = rows_B[:, None] & (pos_BxU < units_B[:, None])
+    bb = self.backbone.reset(st["bb"], rows_B)
+    p_BxUxd, bb = self.backbone.run(model, words_BxUxD, pos_BxU, bb, keep_BxU,
+                                    jnp.arange(batch))
+    p_Bxd = jnp.take_along_axis(p_BxUxd, jnp.maximum(units_B - 1, 0)[:, None, None],
+                                axis=1)[:, 0]
+    x_BxLxd = embed(dec_table(model), word_BxL, cd).at[:, 0].set(p_Bxd.astype(cd))
+    pos_BxL = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32)[None], (batch, slots))
+    # The decoder holds slots 0..n-1; the first tick feeds slot n (b_n, or p when n = 0).
+    _, dec = model.decoder.extend(x_BxLxd, pos_NxT=pos_BxL,
+                                  cache=reset_length(st["dec"], rows_B),
+                                  keep_NxT=rows_B[:, None] & (pos_BxL < nbytes_B[:, None]))
+    flat = where_rows(rows_B, {"p_Bxd": p_Bxd.astype(st["p_Bxd"].dtype), "word_BxL": word_BxL,
+                               "nbytes_B": nbytes_B, "units_B": units_B},
+                      {k: st[k] for k in ("p_Bxd", "word_BxL", "nbytes_B", "units_B")})
+    return {**st, **flat, "bb": bb, "dec": dec}
+
+  def _tick(self, model, st, temperature, top_k, top_p, max_new):
+    """One decoder step for every decoding row; then the word step for finished words."""
+    cd = model.compute_dtype
+    status_B, n_B, word_BxL = st["status_B"], st["nbytes_B"], st["word_BxL"]
+    batch = n_B.shape[0]
+    decoding_B = status_B == DECODING
+    byte_B = jnp.take_along_axis(word_BxL, n_B[:, None], axis=1)
+    x_Bx1xd = embed(dec_table(model), byte_B, cd)
+    x_Bx1xd = jnp.where((n_B == 0)[:, None, None], st["p_Bxd"][:, None].astype(cd), x_Bx1xd)
+    h_Bx1xd, dec = model.decoder.extend(x_Bx1xd, pos_NxT=n_B[:, None], cache=st["dec"],
+                                        keep_NxT=decoding_B[:, None])
+    logits_BxV = project(h_Bx1xd, model.head[...], cd,
+                         preferred_element_type=jnp.float32)[:, 0]
+    banned_BxV = rules.word_banned(n_B, self.max_word, jnp, logits_BxV.shape[-1])
+    keys_BxK, use_BxK = split_keys(st["keys_BxK"], decoding_B)
+    sym_B = sample_on_device(jnp.where(banned_BxV, -jnp.inf, logits_BxV), use_BxK,
+                             temperature, top_k, top_p)
+    is_byte_B = decoding_B & (sym_B < 256)
+    rows_B = jnp.arange(batch)
+    at_B = jnp.where(is_byte_B, n_B + 1, self.slots)  # out of range: no write
+    word_BxL = word_BxL.at[rows_B, at_B].set(sym_B, mode="drop")
+    nout_B = st["nout_B"] + is_byte_B
+    status_B = jnp.where(decoding_B & (sym_B == W_ID), WAITING, status_B)
+    status_B = jnp.where((decoding_B & (sym_B == S_ID)) | (is_byte_B & (nout_B >= max_new)),
+                         DONE, status_B)
+    st = {**st, "dec": dec, "word_BxL": word_BxL, "nbytes_B": n_B + is_byte_B,
+          "nout_B": nout_B, "status_B": status_B, "keys_BxK": keys_BxK}
+    st = jax.lax.cond(jnp.any(status_B == WAITING), lambda s: self._word_step(model, s),
+                      lambda s: s, st)
+    return st, sym_B, decoding_B
+
+  def _word_step(self, model, st):
+    """Encodes up to `word_rows` finished words and advances their rows' backbone."""
+    status_B, units_B = st["status_B"], st["units_B"]
+    batch = status_B.shape[0]
+    waiting_B = status_B == WAITING
+    full_B = waiting_B & (units_B >= self.max_units)
+    num = min(batch, max(1, math.ceil(self.word_rows * batch)))
+    rows_1xK, valid_1xK, _ = gates.compact_indices((waiting_B & ~full_B)[None], num)
+    rows_K, valid_K = rows_1xK[0], valid_1xK[0]
+    words_KxD = self._encode_bucketed(model, st["word_BxL"][rows_K],
+                                      jnp.where(valid_K, st["nbytes_B"][rows_K], 0))
+    p_Kx1xd, bb = self.backbone.run(model, words_KxD[:, None], units_B[rows_K][:, None],
+                                    st["bb"], valid_K[:, None], rows_K)
+    dst_K = jnp.where(valid_K, rows_K, batch)  # out of range: no write
+    fresh_L = jnp.full((self.slots,), PAD_ID, jnp.int32).at[0].set(W_ID)
+    dec = st["dec"]
+    return {**st, "bb": bb,
+            "p_Bxd": st["p_Bxd"].at[dst_K].set(p_Kx1xd[:, 0].astype(st["p_Bxd"].dtype),
+                                               mode="drop"),
+            "units_B": units_B.at[dst_K].add(1, mode="drop"),
+            "word_BxL": st["word_BxL"].at[dst_K].set(
+                jnp.broadcast_to(fresh_L, (num, self.slots)), mode="drop"),
+            "nbytes_B": st["nbytes_B"].at[dst_K].set(0, mode="drop"),
+            "dec": dict(dec, length_B=dec["length_B"].at[dst_K].set(0, mode="drop")),
+            "status_B": jnp.where(full_B, FULL,
+                                  status_B.at[dst_K].set(DECODING, mode="drop"))}
+
+  def _encode_bucketed(self, model, ids_KxL, nbytes_K):
+    """`encode_units` over the fewest slots that hold the longest of the words.
+
+    Padding slots are masked out of the encoder's attention, so the result does not
+    depend on the padded length; most words are short, and the encoder is the costliest
+    part of a word step when run over all `max_word_bytes + 1` slots.
+    """
+    buckets = sorted({min(b, self.slots) for b in (8, 16, self.slots)})
+    need = jnp.max(nbytes_K) + 1
+    index = jnp.sum(jnp.array(buckets[:-1]) < need)
+    branches = [lambda ids, nb, b=b: encode_units(model, ids[:, :b], nb) for b in buckets]
+    return jax.lax.switch(index, branches, ids_KxL, nbytes_K)
+
+  # Host side.
+
+  def _new_row(self, prompt: bytes) -> dict:
+    words = list(self.splitter.split(prompt))
+    partial = words.pop() if words else b""
+    return {"words": words, "partial": partial}
+
+  def _emit(self, row: dict, sym: int) -> bytes:
+    if sym == W_ID:
+      row["words"].append(row["partial"])
+      row["partial"] = b""
+    elif sym < 256:
+      row["partial"] += bytes([sym])
+      return bytes([sym])
+    return b""
+
+  def _refill_arrays(self, rows: list, which: np.ndarray, slide: bool) -> tuple:
+    batch = len(rows)
+    ids = np.full((batch, self.max_units, self.slots), PAD_ID, np.int32)
+    nb = np.zeros((batch, self.max_units), np.int32)
+    word = np.full((batch, self.slots), PAD_ID, np.int32)
+    ids[:, :, 0] = W_ID
+    ids[:, 0, 0] = S_ID
+    word[:, 0] = W_ID
+    units = np.ones(batch, np.int32)
+    nbytes = np.zeros(batch, np.int32)
+    # Sliding keeps half the cache, so the next refill is max_units/2 words away.
+    keep = max(1, self.max_units // 2) if slide else self.max_units - 1
+    for b in np.flatnonzero(which):
+      words = rows[b]["words"]
+      if len(words) > keep and self.overflow == "error":
+        raise layout.CapacityError(
+            f"context of {len(words)} words + START exceeds the backbone KV cache of "
+            f"{self.max_units} units; raise max_units or use overflow='slide'")
+      context = words[-keep:] if len(words) > keep else words
+      for u, w in enumerate(context, start=1):
+        ids[b, u, 1:len(w) + 1] = np.frombuffer(w, np.uint8)
+        nb[b, u] = len(w)
+      units[b] = len(context) + 1
+      partial = rows[b]["partial"]
+      word[b, 1:len(partial) + 1] = np.frombuffer(partial, np.uint8)
+      nbytes[b] = len(partial)
+    return ids, nb, units, word, nbytes

@@ -1,0 +1,164 @@
+"""Cached generation of the gated families, and input handling of every sampler.
+
+- Delete gate: the cached backbone equals the batched hard-deletion pass step by step,
+  its upper caches hold only the kept words, and cached greedy output equals the
+  reference sampler running `model(batch, hard=True)`.
+- Merge HAT: online chunk boundaries equal the full forward pass; greedy output equals
+  the reference.
+- Inputs: empty and invalid-UTF-8 prompts, prompts longer than the context, no new
+  bytes, stop strings never produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import rngs, tiny_model_config
+from hat import config as C
+from hat.data.layout import CapacityError, hat_batch_from_texts
+from hat.data.merge_layout import merge_batch_from_texts
+from hat.generate import SampleOptions, make_sampler
+from hat.generate.hat_sampler import DeleteGatedBackbone, HATSampler, encode_units
+from hat.models import build_model
+from hat.text.codec import W_ID
+from hat.text.tokenizers import ByteTokenizer
+
+GREEDY = SampleOptions(temperature=0.0, max_new_bytes=24)
+PROMPTS = [b"the quick bro", b"", b"Once upon a time there was a small model. ", b"word "]
+DOC = b"the quick brown fox jumps over the lazy dog. "
+
+
+def _cfg(gate=None, **data):
+  model = tiny_model_config("hat")
+  if gate:
+    model = dataclasses.replace(model, gate=dataclasses.replace(model.gate, **gate))
+  base = dict(max_word_bytes=8, max_units=40, row_len=16, num_rows=16, max_tokens=128)
+  cfg = C.TrainConfig()
+  return dataclasses.replace(cfg, model=model,
+                             data=dataclasses.replace(cfg.data, **{**base, **data}))
+
+
+@pytest.fixture(scope="module")
+def delete_model():
+  cfg = _cfg({"kind": "delete", "layer": 1})
+  model = build_model(cfg.model, vocab_size=259, rngs=rngs(1), row_len=cfg.data.row_len)
+  # Saturated gate: G is 0 or k at every word, about half each; words of a few bytes.
+  model.gate.w[...] = model.gate.w[...] * 1e4
+  model.gate.b[...] = jnp.zeros(())
+  model.head[...] = model.head[...].at[:, W_ID].multiply(3.0)
+  return model, cfg
+
+
+def test_delete_gate_cache_matches_hard_pass_and_holds_only_kept_words(delete_model):
+  model, _ = delete_model
+  batch = {k: jnp.asarray(v) for k, v in hat_batch_from_texts(
+      [DOC], max_word_bytes=15, max_units=16, num_rows=6, row_len=16, overflow="error").items()}
+  words_1xWxD = model.encode(batch, 16)
+  pos_1xW = batch["unit_pos_BxW"]
+  p_full, aux = model.backbone_with_aux(words_1xWxD, batch["unit_segment_BxW"], pos_1xW,
+                                        hard=True)
+  n = int(batch["num_units_B"][0])
+  kept = n - int(aux["gate_deleted"])
+  assert 0 < kept < n
+  runner = DeleteGatedBackbone(capacity=32, kept_capacity=16)
+  step = jax.jit(lambda c, x, p: runner.run(model, x, p, c, jnp.ones((1, 1), bool),
+                                            jnp.zeros(1, jnp.int32)))
+  caches = runner.init(model, 1)
+  for j in range(n):
+    p_j, caches = step(caches, words_1xWxD[:, j:j + 1], pos_1xW[:, j:j + 1])
+    np.testing.assert_allclose(p_j[0, 0], p_full[0, j], atol=1e-5)
+  assert int(caches["lower"]["length_B"][0]) == n
+  assert int(caches["upper"]["length_B"][0]) == kept  # deleted words left no K/V entry
+  assert int(caches["deleted_B"][0]) == n - kept
+  # A prefill of all words at once (compacted writes) gives the same.
+  keep = jnp.arange(words_1xWxD.shape[1])[None] < n
+  p_pre, pre = runner.run(model, words_1xWxD, pos_1xW, runner.init(model, 1), keep,
+                          jnp.zeros(1, jnp.int32))
+  np.testing.assert_allclose(p_pre[0, :n], p_full[0, :n], atol=1e-5)
+  assert int(pre["upper"]["length_B"][0]) == kept
+  np.testing.assert_allclose(pre["upper"]["k"][:, 0, :, :kept],
+                             caches["upper"]["k"][:, 0, :, :kept], atol=1e-5)
+
+
+def test_delete_gate_cached_greedy_equals_hard_forward_reference(delete_model):
+  model, cfg = delete_model
+  cached, ref = make_sampler(model, cfg), make_sampler(model, cfg, cached=False)
+  assert isinstance(cached, HATSampler)
+  batched = cached.generate_batch(PROMPTS, GREEDY)
+  for prompt, got in zip(PROMPTS, batched):
+    assert got == ref.generate(prompt, GREEDY), prompt
+  st = cached.last_state
+  units, lower = np.asarray(st["units_B"]), np.asarray(st["bb"]["lower"]["length_B"])
+  upper, deleted = np.asarray(st["bb"]["upper"]["length_B"]), np.asarray(st["bb"]["deleted_B"])
+  np.testing.assert_array_equal(lower, units)  # every committed unit below the gate
+  np.testing.assert_array_equal(upper, units - deleted)  # only the kept ones above it
+  assert deleted.sum() > 0 and (upper > 0).all()
+  assert cached.compile_counts() == {"prefill": 1, "chunk": 1}
+
+
+@pytest.fixture(scope="module")
+def merge_model():
+  cfg = _cfg({"kind": "merge", "capacity": 64, "max_chunk_bytes": 6, "controller": "ratio"},
+             max_tokens=96)
+  return build_model(cfg.model, vocab_size=259, rngs=rngs(2)), cfg
+
+
+def test_merge_online_boundaries_equal_full_pass_and_greedy_equals_reference(merge_model):
+  model, cfg = merge_model
+  tok = ByteTokenizer()
+  cached, ref = make_sampler(model, cfg, tok), make_sampler(model, cfg, tok, cached=False)
+  batched = cached.generate_batch(PROMPTS, GREEDY)
+  for prompt, got in zip(PROMPTS, batched):
+    assert got == ref.generate(prompt, GREEDY), prompt
+  graphdef, state = nnx.split(model)
+  fwd = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b, with_boundaries=True)[1]["boundary_BxT"])
+  for new_bytes in (3, 11, 24):  # chunk counts at several prefixes of the same stream
+    out = cached.generate(PROMPTS[0], dataclasses.replace(GREEDY, max_new_bytes=new_bytes))
+    seen = int(cached.last_state["t_B"][0])  # stream positions through the encoder
+    batch = merge_batch_from_texts([PROMPTS[0] + out], max_tokens=96, overflow="error")
+    ends = np.asarray(fwd(state, {k: jnp.asarray(v) for k, v in batch.items()}))[0, :seen]
+    assert int(cached.last_state["bb"]["length_B"][0]) == ends.sum() > 1
+
+
+def _hat_model(seed=1, **data):
+  cfg = _cfg(**data)
+  model = build_model(cfg.model, vocab_size=259, rngs=rngs(seed), row_len=cfg.data.row_len)
+  model.head[...] = model.head[...].at[:, W_ID].multiply(3.0)
+  return model, cfg
+
+
+def test_prompt_edge_cases_every_sampler(merge_model):
+  hat_model, hat_cfg = _hat_model()
+  byte_cfg = _cfg(max_tokens=48)
+  byte_cfg = dataclasses.replace(byte_cfg, model=tiny_model_config("byte"))
+  byte_model = build_model(byte_cfg.model, vocab_size=259, rngs=rngs(3))
+  cases = [(hat_model, hat_cfg, None), (byte_model, byte_cfg, ByteTokenizer()),
+           (*merge_model, ByteTokenizer())]
+  invalid = b"caf\xc3 \xff\xfe na\xc3\xafve \xe2\x82"
+  long_prompt = b"many words in a prompt that is longer than the context " * 8
+  for model, cfg, tok in cases:
+    cached = make_sampler(model, cfg, tok)
+    ref = make_sampler(model, cfg, tok, cached=False)
+    # No new bytes: nothing is compiled or run.
+    assert cached.generate_batch([b"a", b""], dataclasses.replace(GREEDY, max_new_bytes=0)) \
+        == [b"", b""]
+    assert cached.compile_counts() == {"prefill": 0, "chunk": 0}
+    # Empty and invalid UTF-8 prompts continue like the reference.
+    for prompt in (b"", invalid):
+      assert cached.generate(prompt, GREEDY) == ref.generate(prompt, GREEDY), (cfg, prompt)
+    # A prompt longer than the context slides (or raises with overflow="error").
+    out = cached.generate(long_prompt, GREEDY)
+    assert 0 < len(out) <= GREEDY.max_new_bytes
+    with pytest.raises(CapacityError):
+      make_sampler(model, cfg, tok, overflow="error").generate(long_prompt, GREEDY)
+    # A stop string that never appears, or an empty one, changes nothing.
+    plain = cached.generate(PROMPTS[0], GREEDY)
+    assert cached.generate(PROMPTS[0], dataclasses.replace(
+        GREEDY, stop=("\x00never\x00", ""))) == plain
+    assert cached.compile_counts() == {"prefill": 1, "chunk": 1}
