@@ -83,7 +83,9 @@ class Family:
     if _model_cfg(cfg).vocab_size > 0:
       return _model_cfg(cfg).vocab_size
     if tokenizer is None:
-      raise ValueError("a BPE model needs model.vocab_size > 0 or its tokenizer")
+      if not isinstance(cfg, TrainConfig) or not cfg.data.tokenizer:
+        raise ValueError("a BPE model needs model.vocab_size > 0 or its tokenizer")
+      tokenizer = self.load_tokenizer(cfg)
     return int(tokenizer.vocab_size)
 
   def build_model(self, cfg: TrainConfig | ModelConfig, vocab_size: int, rngs: Any, *,
