@@ -318,6 +318,7 @@ def main(argv=None) -> int:
   p.add_argument("--window", type=int, default=None, help="bytes per sequence")
   p.add_argument("--batch", type=int, default=None, help="sequences per training step")
   p.add_argument("--steps", type=int, default=None, help="timed training steps")
+  p.add_argument("--bpe-vocab", type=int, default=None, help="trained tokenizer's size")
   p.add_argument("--widths", choices=("1b", "tiny"), default=None,
                  help="model widths (default: 1b on an accelerator, tiny in the smoke run)")
   p.add_argument("--out", default=str(ROOT / "docs/accelerator"))
@@ -328,7 +329,7 @@ def main(argv=None) -> int:
   plan = CPU_PLAN if smoke else GPU_PLAN
   plan = dataclasses.replace(plan, **{k: v for k, v in (
       ("layers", args.layers), ("window_bytes", args.window), ("batch", args.batch),
-      ("steps", args.steps), ("widths", args.widths))
+      ("steps", args.steps), ("widths", args.widths), ("bpe_vocab", args.bpe_vocab))
       if v is not None})
   skip = set(filter(None, args.skip.split(",")))
   t0 = time.perf_counter()

@@ -74,8 +74,8 @@ def _cost(fn: Callable, *args) -> float:
   return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def _train_cost(model, fn: Callable, xs: tuple) -> tuple[float, float]:
-  """(forward, forward + backward) compiled FLOPs of fn(model, *xs)."""
+def _train_cost(model, fn: Callable, xs: tuple, forward: bool = True) -> tuple[float, float]:
+  """(forward, forward + backward) compiled FLOPs of fn(model, *xs); forward 0 if not asked."""
   graphdef, state = nnx.split(model)
 
   def fwd(state, xs):
@@ -88,7 +88,7 @@ def _train_cost(model, fn: Callable, xs: tuple) -> tuple[float, float]:
   # A traced cotangent: with a constant one XLA folds weight-gradient dots into reductions.
   out = jax.eval_shape(fwd, state, xs)
   ct = jnp.zeros(out.shape, jnp.float32)
-  return _cost(fwd, state, xs), _cost(train, state, xs, ct)
+  return _cost(fwd, state, xs) if forward else 0.0, _cost(train, state, xs, ct)
 
 
 def _batch(cfg: TrainConfig) -> dict:
@@ -201,8 +201,13 @@ def token_modules(cfg: TrainConfig, b: dict) -> dict[str, tuple[Callable, tuple]
                    (jnp.zeros((bsz, t, d), cd),))}
 
 
-def check(cfg: TrainConfig, vocab: int | None = None) -> list[dict]:
-  """Per-module rows {module, analytic model/hardware train FLOPs, XLA fwd/train FLOPs}."""
+def check(cfg: TrainConfig, vocab: int | None = None, *, forward: bool = True,
+          modules: tuple[str, ...] | None = None) -> list[dict]:
+  """Per-module rows {module, analytic model/hardware train FLOPs, XLA fwd/train FLOPs}.
+
+  `forward=False` skips the forward-only compiles; `modules` limits the modules compiled
+  (then "glue" is not computed).
+  """
   fam = family_of(cfg)
   v = vocab or fam.vocab_size(cfg)
   model = fam.build_model(cfg, v, nnx.Rngs(0))
@@ -213,7 +218,9 @@ def check(cfg: TrainConfig, vocab: int | None = None) -> list[dict]:
   hw_f = flops.hardware_train_flops_per_sequence(cfg, v)
   rows, xla_sum = [], 0.0
   for name, (fn, xs) in mods.items():
-    fwd, train = _train_cost(model, fn, xs)
+    if modules is not None and name not in modules:
+      continue
+    fwd, train = _train_cost(model, fn, xs, forward)
     xla_sum += train
     key = "backbone" if name.startswith("backbone_") else name
     share = 1.0
@@ -226,12 +233,46 @@ def check(cfg: TrainConfig, vocab: int | None = None) -> list[dict]:
   def whole(model):
     return loss_and_metrics(model, b)[0]
 
-  _, train = _train_cost(model, whole, ())
-  rows.append({"module": "glue", "model": 0.0, "hardware": 0.0, "xla_fwd": 0.0,
-               "xla": train - xla_sum})
+  _, train = _train_cost(model, whole, (), forward=False)
+  if modules is None:
+    rows.append({"module": "glue", "model": 0.0, "hardware": 0.0, "xla_fwd": 0.0,
+                 "xla": train - xla_sum})
   rows.append({"module": "whole", "model": model_f["total"], "hardware": hw_f["total"],
                "xla_fwd": 0.0, "xla": train})
   return rows
+
+
+def masked_share(cfg: TrainConfig, batches: list[dict]) -> dict[str, float]:
+  """Share of byte-stack attention FLOPs spent on masked query-key pairs, from real batches.
+
+  Every packed row computes its whole C x C square (XLA's dense attention, and cuDNN /
+  splash too: a row of C <= 128 is one tile); a same-word mask keeps sum(n_u^2) of those
+  pairs in the bidirectional encoder and sum(n_u (n_u + 1) / 2) in the causal decoder,
+  n_u the slots of unit u. Also the masked pairs' share of the step's hardware FLOPs.
+  """
+  c = cfg.data.row_len
+  rows = enc_seen = dec_seen = 0.0
+  for b in batches:
+    unit_RxC = np.asarray(b["slot_unit_BxS"]).reshape(-1, c)
+    for r in unit_RxC:
+      _, n_u = np.unique(r[r >= 0], return_counts=True)
+      enc_seen += float(np.sum(n_u.astype(np.float64) ** 2))
+      dec_seen += float(np.sum(n_u * (n_u + 1) / 2.0))
+    rows += unit_RxC.shape[0]
+  square = rows * c * c
+  hw = flops.hardware_train_flops_per_sequence(cfg)
+  seqs = sum(np.asarray(b["slot_unit_BxS"]).shape[0] for b in batches)
+  m = cfg.model
+  # Each executed pair costs 4·heads·head_dim per layer and pass; x3 for training, plus
+  # one more forward for remat (dots or full) recomputing the attention.
+  per_pair = lambda t: 4.0 * t.num_heads * t.head_dim * t.num_layers * (
+      3 + (m.remat != "none"))
+  masked = (square - enc_seen) * per_pair(m.encoder) + (square - dec_seen) * per_pair(m.decoder)
+  return {"encoder_masked_share": 1 - enc_seen / square,
+          "decoder_masked_share": 1 - dec_seen / square,
+          "decoder_masked_share_of_causal_half": 1 - dec_seen / (square / 2 + rows * c / 2),
+          "masked_share_of_step_hardware_flops": masked / (hw["total"] * seqs),
+          "rows": rows, "sequences": seqs}
 
 
 def _ratio(a: float, b: float) -> str:
@@ -258,9 +299,27 @@ def main(argv=None) -> int:
   p.add_argument("--only", default="", help="comma-separated case names or prefixes "
                  f"(tiny, 1b); cases: {', '.join(CASES)}")
   p.add_argument("--remat", default=None, help="override model.remat for every case")
+  p.add_argument("--masked-share", default="", metavar="DATA",
+                 help="only measure the masked byte-attention share of configs/hat_1b.py's "
+                      "layout on this training source (e.g. text:../shared/data/corpus/en)")
+  p.add_argument("--batches", type=int, default=4, help="batches for --masked-share")
   p.add_argument("--json", default=None)
   p.add_argument("--md", default=None)
   args = p.parse_args(argv)
+  if args.masked_share:
+    from hat.data import pipeline  # pylint: disable=g-import-not-at-top
+
+    out = {}
+    for layers in (18, 2):  # the paper model, and the reduced depth timed on CPU
+      cfg = resolve(str(ROOT / "configs/hat_1b.py"), [
+          f"data.train={args.masked_share}", "data.batch_size=8",
+          f"model.backbone.num_layers={layers}"])
+      it = pipeline.make_train_iterator(cfg)
+      out[f"{layers}_layers"] = masked_share(cfg, [next(it) for _ in range(args.batches)])
+    print(json.dumps(out, indent=2))
+    if args.json:
+      pathlib.Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
   wanted = [w for w in args.only.split(",") if w]
   extra = [f"model.remat={args.remat}"] if args.remat else []
   results = {}
