@@ -319,6 +319,7 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=None, help="sequences per training step")
   p.add_argument("--steps", type=int, default=None, help="timed training steps")
   p.add_argument("--bpe-vocab", type=int, default=None, help="trained tokenizer's size")
+  p.add_argument("--gen-batches", default=None, help="generation batch sizes, e.g. 1,32,256")
   p.add_argument("--widths", choices=("1b", "tiny"), default=None,
                  help="model widths (default: 1b on an accelerator, tiny in the smoke run)")
   p.add_argument("--out", default=str(ROOT / "docs/accelerator"))
@@ -329,11 +330,12 @@ def main(argv=None) -> int:
   plan = CPU_PLAN if smoke else GPU_PLAN
   plan = dataclasses.replace(plan, **{k: v for k, v in (
       ("layers", args.layers), ("window_bytes", args.window), ("batch", args.batch),
-      ("steps", args.steps), ("widths", args.widths), ("bpe_vocab", args.bpe_vocab))
+      ("steps", args.steps), ("widths", args.widths), ("bpe_vocab", args.bpe_vocab),
+      ("gen_batches", args.gen_batches and tuple(int(x) for x in args.gen_batches.split(","))))
       if v is not None})
   skip = set(filter(None, args.skip.split(",")))
   t0 = time.perf_counter()
-  rep = {"plan": "cpu-smoke" if smoke else "accelerator", "plan_detail": dataclasses.asdict(plan),
+  rep = {"plan": "cpu" if smoke else "accelerator", "plan_detail": dataclasses.asdict(plan),
          "versions": _guard(versions)}
   with tempfile.TemporaryDirectory() as tmp:
     tok_path = args.tokenizer or bpe_tokenizer(args.data, pathlib.Path(tmp), [],
