@@ -232,3 +232,33 @@ def test_hardware_flops_match_xla_per_module(case, modules):
     lo, hi = STACK_TOL if name in ("encoder", "decoder") or name.startswith("backbone") \
         else MATMUL_TOL
     assert lo <= r["xla"] / r["hardware"] <= hi, (name, r)
+
+
+def test_hardware_count_adds_masked_halves_flash_and_remat():
+  cfg = _tiny_hat()
+  model, hw = flops.train_flops_per_sequence(cfg), flops.hardware_train_flops_per_sequence(cfg)
+  bb = cfg.model.backbone
+  # XLA computes the masked half of the backbone's 3x3 causal square: +3·4·(9/2)·2·4.
+  assert hw["backbone"] - model["backbone"] == 3 * 4 * 4.5 * bb.num_heads * bb.head_dim
+  assert hw["encoder"] == model["encoder"]  # bidirectional rows: nothing masked to add
+  assert hw["head"] == model["head"] and hw["total"] > model["total"]
+  dots = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat="dots"))
+  full = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat="full"))
+  hw_dots, hw_full = (flops.hardware_train_flops_per_sequence(c)["backbone"]
+                      for c in (dots, full))
+  attn_fwd = 4 * 9 * bb.num_heads * bb.head_dim  # whole square, one layer
+  assert hw_dots - hw["backbone"] == attn_fwd
+  assert hw_full - hw["backbone"] == attn_fwd + 2 * 3 * 576
+  # Flash kernels skip tiles above the diagonal (one 3-long tile here: nothing skipped).
+  big = load("hat_1b")
+  assert (flops.hardware_train_flops_per_step(big, impl="cudnn")
+          < flops.hardware_train_flops_per_step(big, impl="xla"))
+
+
+def test_window_reports_hfu_next_to_mfu():
+  from hat.train.metrics import Window
+  w = Window(1e12, 2, 1e13, hardware_flops_per_step=1.5e12)
+  w.add({"loss": 1.0})
+  s = w.summary()
+  assert s["perf/hfu"] == pytest.approx(1.5 * s["perf/mfu"])
+  assert "perf/hfu" not in Window(1e12, 1, None, 2e12).summary()
