@@ -141,17 +141,13 @@ def _merge_capacity(cfg: TrainConfig) -> int:
   return merge_capacity(cfg.model, cfg.data.max_tokens)
 
 
-def _is_merge(cfg: TrainConfig) -> bool:
-  return family_of(cfg).gate == "merge"
-
-
 def _padded_layout(cfg: TrainConfig) -> dict[str, tuple[float, float, bool]]:
   """{stack: (positions, attention length, causal)} of one padded sequence, as executed.
 
   The attention length is that of one attended block: a packed row for HAT's byte
   stacks (B·R blocks of C), the whole sequence otherwise.
   """
-  m, d, fam = cfg.model, cfg.data, family_of(cfg)
+  d, fam = cfg.data, family_of(cfg)
   if fam.gate == "merge":
     t, units = d.max_tokens, _merge_capacity(cfg)
     return {"encoder": (t, t, True), "backbone": (units, units, True),
@@ -160,7 +156,6 @@ def _padded_layout(cfg: TrainConfig) -> dict[str, tuple[float, float, bool]]:
     slots, units = d.num_rows * d.row_len, d.max_units
     return {"encoder": (slots, d.row_len, False), "backbone": (units, units, True),
             "decoder": (slots, d.row_len, True)}
-  del m
   return {"backbone": (d.max_tokens, d.max_tokens, True)}
 
 
