@@ -16,7 +16,6 @@ docs/scale.md explains every row that differs by more than 3%.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
