@@ -107,7 +107,9 @@ class ModelConfig:
   tie_byte_embeddings: bool = False  # HAT: share encoder and decoder byte tables
   compute_dtype: str = "float32"  # float32 | bfloat16
   param_dtype: str = "float32"
-  attention_impl: str = "xla"  # xla | cudnn | splash
+  # auto: cudnn on GPU, splash on TPU, xla on CPU; a choice that cannot serve a call
+  # (dtype, head_dim, an additive bias) runs xla for it, with one logged line.
+  attention_impl: str = "auto"  # auto | xla | cudnn | splash
   remat: str = "none"  # none | full | dots
   scan_layers: bool = True
   gate: GateConfig = GateConfig()
@@ -185,7 +187,7 @@ _CHOICES = {
     "model.kind": ("hat", "bpe", "byte"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention_impl": ("xla", "cudnn", "splash"),
+    "model.attention_impl": ("auto", "xla", "cudnn", "splash"),
     "model.remat": ("none", "full", "dots"),
     "data.doc_mode": ("file", "blank_line", "line"),
     "data.splitter": ("whitespace", "unicode"),

@@ -10,7 +10,7 @@ Windows are made exactly as for HAT and BPE (cut at the splitter's word boundari
 all models see the identical bytes per sequence); the splitter plays no other role.
 Overflow follows `data.overflow` like the token layout: "carry" continues the rest in
 the next sequence (a new segment opening with `[S]`), "error" raises. The model's own
-static capacity (chunks per sequence, `model.gate.capacity`) has a separate, counted
+static capacity (chunks per sequence, `model.gate.merge.capacity`) has a separate, counted
 overflow policy: see `hat.models.merge_hat`.
 """
 

@@ -10,6 +10,7 @@ padding, so no row is ever fully masked and nothing leaks into real positions).
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -24,7 +25,11 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+# What "auto" asks for on each backend; anything else (CPU, unknown) runs plain XLA.
+_AUTO_IMPL = {"gpu": "cudnn", "cuda": "cudnn", "rocm": "cudnn", "tpu": "splash"}
+_SPLASH_BLOCKS = (512, 256, 128)
+log = logging.getLogger(__name__)
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: masked rows stay NaN-free
 
 
@@ -161,7 +166,8 @@ def _splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_BxL, causal: bool
   batch, length, heads, head_dim = q_BxLxHxK.shape
   groups = k_BxLxGxK.shape[2]
   reps = heads // groups
-  block = min(512, length)
+  # The largest block dividing the length (select_attention_impl checked one does).
+  block = next((b for b in _SPLASH_BLOCKS if b <= length and length % b == 0), length)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block,
                             block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
@@ -194,14 +200,63 @@ def _splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_BxL, causal: bool
   return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
 
+def attention_fallback(impl: str, *, backend: str, dtype: Any, head_dim: int, length: int,
+                       dense_bias: bool) -> str | None:
+  """Why `impl` cannot serve this attention call (None when it can)."""
+  if impl == "cudnn":
+    if backend not in ("gpu", "cuda", "rocm"):
+      return f"cuDNN needs a GPU (backend is {backend!r})"
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+      return f"cuDNN flash attention needs bf16/fp16 (compute dtype is {jnp.dtype(dtype)})"
+    if head_dim % 8 or head_dim > 128:
+      return f"cuDNN flash attention needs head_dim <= 128 and a multiple of 8, got {head_dim}"
+    if length % 2:
+      return f"cuDNN flash attention with a mask needs an even length, got {length}"
+  elif impl == "splash":
+    if backend != "tpu":
+      return f"splash attention needs a TPU (backend is {backend!r})"
+    if dense_bias:
+      return "splash attention takes segment ids and causality, not an additive bias"
+    if not any(length % b == 0 for b in _SPLASH_BLOCKS if b <= length) and length > 128:
+      return f"splash attention needs a length divisible by 128, got {length}"
+  return None
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback(requested: str, chosen: str, reason: str) -> None:
+  # Cached: one line per distinct case, not one per layer or per trace.
+  log.warning("attention_impl=%r -> %r: %s", requested, chosen, reason)
+
+
+def select_attention_impl(impl: str, *, dtype: Any, head_dim: int, length: int,
+                          dense_bias: bool = False, backend: str | None = None) -> str:
+  """The implementation that serves a call: "auto" per backend, "xla" when one cannot."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+  backend = backend or jax.default_backend()
+  want = _AUTO_IMPL.get(backend, "xla") if impl == "auto" else impl
+  if want == "xla":
+    return "xla"
+  reason = attention_fallback(want, backend=backend, dtype=dtype, head_dim=head_dim,
+                              length=length, dense_bias=dense_bias)
+  if reason is None:
+    return want
+  _log_fallback(impl, "xla", reason)
+  return "xla"
+
+
 def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, *,
                           segment_BxL: jax.Array, causal: bool, impl: str = "xla",
                           mask_BxLxL: jax.Array | None = None,
                           bias_BxLxL: jax.Array | None = None) -> jax.Array:
   """Multi-head / grouped-query attention; the mask is built from segments unless given.
 
-  `bias_BxLxL` is added to the attention logits (e.g. MrT5 soft deletion).
+  `bias_BxLxL` is added to the attention logits (e.g. MrT5 soft deletion). `impl` is
+  resolved by `select_attention_impl` ("auto", or a choice that cannot serve this call,
+  runs what can).
   """
+  impl = select_attention_impl(impl, dtype=q_BxLxHxK.dtype, head_dim=q_BxLxHxK.shape[-1],
+                               length=q_BxLxHxK.shape[1], dense_bias=bias_BxLxL is not None)
   if impl == "splash":
     if mask_BxLxL is not None or bias_BxLxL is not None:
       raise ValueError("splash attention takes segment ids and causality, not a dense "
@@ -331,6 +386,7 @@ class TransformerStack(nnx.Module):
     if attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
     self.cfg, self.causal, self.impl = cfg, causal, attention_impl
+    self.compute_dtype = compute_dtype
     self.remat, self.scan_layers = remat, scan_layers
     make = functools.partial(Block, cfg, causal=causal, impl=attention_impl,
                              compute_dtype=compute_dtype, param_dtype=param_dtype)
@@ -350,7 +406,11 @@ class TransformerStack(nnx.Module):
     `key_bias_BxL` is added to the attention logits of every key except the query's own
     position (MrT5 soft deletion: a deleted position is ignored by others, not itself).
     """
-    mask_BxLxL = None if self.impl == "splash" else segment_mask(segment_BxL, self.causal)
+    impl = select_attention_impl(self.impl, dtype=to_dtype(self.compute_dtype),
+                                 head_dim=self.cfg.head_dim, length=segment_BxL.shape[1],
+                                 dense_bias=key_bias_BxL is not None)
+    # Splash reads segment ids itself: no dense (B, L, L) mask for it.
+    mask_BxLxL = None if impl == "splash" else segment_mask(segment_BxL, self.causal)
     bias_BxLxL = None
     if key_bias_BxL is not None:
       length = key_bias_BxL.shape[1]

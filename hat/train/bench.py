@@ -49,9 +49,16 @@ def bpe_tokenizer(data: str, workdir: pathlib.Path, overrides: list[str],
 def time_model(kind: str, overrides: list[str], steps: int,
                ckpt_dir: storage.PathLike | None = None) -> dict:
   """Compile + timed steps of one model kind; optionally the async-save overhead."""
-  cfg = resolve(str(ROOT / CONFIGS[kind]), overrides)
+  return time_config(resolve(str(ROOT / CONFIGS[kind]), overrides), steps, ckpt_dir,
+                     kind=kind)
+
+
+def time_config(cfg, steps: int, ckpt_dir: pathlib.Path | None = None, *,
+                kind: str = "", tokenizer=None, settle: int = 2) -> dict:
+  """Compile + timed steps of any run config (real batches from its data source)."""
+  kind = kind or cfg.model.kind
   mesh = make_run_mesh(cfg)
-  tokenizer = pipeline.default_tokenizer(cfg)
+  tokenizer = tokenizer or pipeline.default_tokenizer(cfg)
   vocab = model_vocab_size(cfg, tokenizer)
   spec = state_spec(cfg, vocab, mesh)
   state = init_state(cfg, vocab, mesh, spec)
@@ -71,7 +78,7 @@ def time_model(kind: str, overrides: list[str], steps: int,
     t0 = time.perf_counter()
     state = run(1, state)
     compile_s = time.perf_counter() - t0
-    state = run(2, state)  # settle
+    state = run(settle, state)  # settle
     t0 = time.perf_counter()
     state = run(steps, state)
     dt = time.perf_counter() - t0
@@ -79,10 +86,14 @@ def time_model(kind: str, overrides: list[str], steps: int,
     flops_step = flops.train_flops_per_step(cfg, vocab)
     kind_dev = jax.devices()[0].device_kind
     per_dev = flops_step * steps / dt / jax.device_count()
+    hw_step = flops.hardware_train_flops_per_step(cfg, vocab,
+                                                  impl=flops.executed_attention_impl(cfg))
     out = {"kind": kind, "compile_s": compile_s, "steps_per_s": steps / dt,
            "step_ms": 1e3 * dt / steps, "bytes_per_batch": bytes_per_batch,
            "bytes_per_s": bytes_per_batch * steps / dt,
            "tflops_per_s_per_device": per_dev / 1e12, "mfu": flops.mfu(per_dev, kind_dev),
+           "hfu": flops.hfu(hw_step * steps / dt / jax.device_count(), kind_dev),
+           "hardware_flops_per_step": hw_step,
            "train_flops_per_step": flops_step, "_cfg": cfg, "_batches": batches,
            "_vocab": vocab}
     if ckpt_dir is not None:

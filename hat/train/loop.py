@@ -179,7 +179,8 @@ def train(cfg: TrainConfig, workdir: storage.PathLike, *,
   eval_step = make_eval_step(cfg, spec, mesh, batch)
   kind = jax.devices()[0].device_kind
   window = metrics_lib.Window(flops.train_flops_per_step(cfg, vocab_size), jax.device_count(),
-                              flops.peak_flops(kind))
+                              flops.peak_flops(kind), flops.hardware_train_flops_per_step(
+                                  cfg, vocab_size, impl=flops.executed_attention_impl(cfg)))
   writer = metrics_lib.MetricsWriter(workdir, enabled=primary)
   if primary:
     n_params = sum(int(x.size) for x in jax.tree.leaves(spec.abstract[MODEL]))
@@ -208,7 +209,7 @@ def train(cfg: TrainConfig, workdir: storage.PathLike, *,
     if s % cfg.log_every == 0 or s == cfg.steps:
       summary = window.summary()
       if window.peak_flops is None:
-        summary["perf/mfu"] = None
+        summary["perf/mfu"] = summary["perf/hfu"] = None
       writer.write(s, summary)
       bar.set_postfix(loss=f"{summary.get('train/loss', math.nan):.3f}",
                       bpb=f"{summary.get('train/bpb', math.nan):.3f}")

@@ -4,7 +4,8 @@ Steps return metric SUMS (`hat.models.losses`), so a log window or an eval pass 
 summarised by adding them up and dividing once. Throughput counts real text bytes and
 words (not padded positions); FLOPs are the analytic count of the padded shapes the
 device executes (`hat.flops`), so MFU says how busy the device was, and bytes/s says how
-much of that work was useful.
+much of that work was useful. HFU counts the hardware FLOPs instead (remat recompute and
+the masked half of dense causal attention included), so HFU >= MFU.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ def derived(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
 class Window:
   """Accumulates host-side step metrics between two log points."""
 
-  def __init__(self, flops_per_step: float, num_devices: int, peak_flops: float | None):
+  def __init__(self, flops_per_step: float, num_devices: int, peak_flops: float | None,
+               hardware_flops_per_step: float | None = None):
     self.flops_per_step = flops_per_step
+    self.hardware_flops_per_step = hardware_flops_per_step
     self.num_devices = num_devices
     self.peak_flops = peak_flops
     self._reset(time.perf_counter())
@@ -74,6 +77,9 @@ class Window:
     out["perf/tflops_per_s_per_device"] = flops_per_s_dev / 1e12
     if self.peak_flops:
       out["perf/mfu"] = flops_per_s_dev / self.peak_flops
+      if self.hardware_flops_per_step:
+        out["perf/hfu"] = (self.hardware_flops_per_step * self.steps / dt / self.num_devices
+                           / self.peak_flops)
     self._reset(now)
     return out
 
@@ -148,7 +154,7 @@ def to_host(device_metrics: dict[str, Any]) -> dict[str, float]:
 def format_line(step: int, metrics: dict[str, float]) -> str:
   """A compact one-line log record."""
   keys = ("train/loss", "train/bpb", "train/word_acc", "train/lr", "train/grad_norm",
-          "perf/bytes_per_s", "perf/tflops_per_s_per_device", "perf/mfu")
+          "perf/bytes_per_s", "perf/tflops_per_s_per_device", "perf/mfu", "perf/hfu")
   parts = [f"step {step}"]
   for k in keys:
     if metrics.get(k) is not None:
