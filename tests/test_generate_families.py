@@ -34,10 +34,10 @@ PROMPTS = [b"the quick bro", b"", b"Once upon a time there was a small model. ",
 DOC = b"the quick brown fox jumps over the lazy dog. "
 
 
-def _cfg(gate=None, **data):
+def _cfg(gate: C.GateConfig | None = None, **data):
   model = tiny_model_config("hat")
   if gate:
-    model = dataclasses.replace(model, gate=dataclasses.replace(model.gate, **gate))
+    model = dataclasses.replace(model, gate=gate)
   base = dict(max_word_bytes=8, max_units=40, row_len=16, num_rows=16, max_tokens=128)
   cfg = C.TrainConfig()
   return dataclasses.replace(cfg, model=model,
@@ -46,8 +46,9 @@ def _cfg(gate=None, **data):
 
 @pytest.fixture(scope="module")
 def delete_model():
-  cfg = _cfg({"kind": "delete", "layer": 1})
-  model = build_model(cfg.model, vocab_size=259, rngs=rngs(1), row_len=cfg.data.row_len)
+  cfg = _cfg(C.GateConfig(kind="delete", delete=C.DeleteGateConfig(layer=1)))
+  # rngs(2): a seed whose saturated gate deletes some generated words and keeps others.
+  model = build_model(cfg.model, vocab_size=259, rngs=rngs(2), row_len=cfg.data.row_len)
   # Saturated gate: G is 0 or k at every word, about half each; words of a few bytes.
   model.gate.w[...] = model.gate.w[...] * 1e4
   model.gate.b[...] = jnp.zeros(())
@@ -59,10 +60,9 @@ def test_delete_gate_cache_matches_hard_pass_and_holds_only_kept_words(delete_mo
   model, _ = delete_model
   batch = {k: jnp.asarray(v) for k, v in hat_batch_from_texts(
       [DOC], max_word_bytes=15, max_units=16, num_rows=6, row_len=16, overflow="error").items()}
-  words_1xWxD = model.encode(batch, 16)
-  pos_1xW = batch["unit_pos_BxW"]
-  p_full, aux = model.backbone_with_aux(words_1xWxD, batch["unit_segment_BxW"], pos_1xW,
-                                        hard=True)
+  units, aux = model.encode(batch, {}), {}
+  words_1xWxD, pos_1xW = units.x_BxWxD, batch["unit_pos_BxW"]
+  p_full = model.backbone_stage(units, aux, hard=True)
   n = int(batch["num_units_B"][0])
   kept = n - int(aux["gate_deleted"])
   assert 0 < kept < n
@@ -104,7 +104,8 @@ def test_delete_gate_cached_greedy_equals_hard_forward_reference(delete_model):
 
 @pytest.fixture(scope="module")
 def merge_model():
-  cfg = _cfg({"kind": "merge", "capacity": 64, "max_chunk_bytes": 6, "controller": "ratio"},
+  cfg = _cfg(C.GateConfig(kind="merge", controller="ratio",
+                          merge=C.MergeGateConfig(capacity=64, max_chunk_bytes=6)),
              max_tokens=96)
   return build_model(cfg.model, vocab_size=259, rngs=rngs(2)), cfg
 
