@@ -56,6 +56,7 @@ class Family:
   sampler: str | None  # cached sampler "module:Class"(model, cfg, tokenizer)
   reference_sampler: str | None  # uncached oracle, same interface
   controller: str | None = None  # "module:function"(gate_cfg) -> host-side gate controller
+  hierarchical: bool = True  # a byte encoder and decoder around the backbone (HAT variants)
 
   # ------------------------------------------------------------------ properties
 
@@ -63,11 +64,6 @@ class Family:
   def words(self) -> bool:
     """Whether the backbone runs over splitter words (HAT's packed-row layout)."""
     return self.layout == "hat_rows"
-
-  @property
-  def hierarchical(self) -> bool:
-    """Whether the model has a byte encoder and byte decoder around the backbone."""
-    return self.name.startswith("hat")
 
   def unsupported(self, what: str) -> NotSupported:
     """The error for a capability this family lacks."""
@@ -189,11 +185,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("bpe", "SentencePiece BPE LM on the same backbone",
            model="hat.models.token_lm:TokenLM", layout="tokens", tokenizer="bpe",
            gate="none", sampler="hat.generate.token_sampler:TokenSampler",
-           reference_sampler="hat.generate.reference:ReferenceTokenSampler"),
+           reference_sampler="hat.generate.reference:ReferenceTokenSampler",
+           hierarchical=False),
     Family("byte", "flat byte-level LM on the same backbone",
            model="hat.models.token_lm:TokenLM", layout="tokens", tokenizer="byte",
            gate="none", sampler="hat.generate.token_sampler:TokenSampler",
-           reference_sampler="hat.generate.reference:ReferenceTokenSampler"),
+           reference_sampler="hat.generate.reference:ReferenceTokenSampler",
+           hierarchical=False),
 )}
 
 

@@ -18,7 +18,14 @@ def _aot():
   spec = importlib.util.spec_from_file_location("_aot_compile", ROOT / "tools/aot_compile.py")
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-  spec.loader.exec_module(module)
+  # The tool sets libtpu's environment (TPU_WORKER_HOSTNAMES, ...) on import; keep it out
+  # of this process, whose later subprocesses would otherwise look for a TPU.
+  saved = dict(os.environ)
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    os.environ.clear()
+    os.environ.update(saved)
   return module
 
 
