@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from test_train import (ROOT, STEPS, checkpoint_steps, losses, reference_run,  # noqa: F401
+from test_train import (wait_for, ROOT, STEPS, checkpoint_steps, losses, reference_run,  # noqa: F401
                         train_args, train_data, train_env)
 
 
@@ -44,15 +44,6 @@ def _finish(proc, timeout=300):
   return proc.returncode, out
 
 
-def _wait_for(cond, proc, timeout=240.0):
-  end = time.time() + timeout
-  while not cond():
-    if proc.poll() is not None:
-      raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
-    if time.time() > end:
-      proc.kill()
-      raise AssertionError("timed out waiting for the run")
-    time.sleep(0.05)
 
 
 def _kill(proc):
@@ -91,7 +82,7 @@ def test_sigkill_inside_an_async_save_resumes_from_the_previous_one(
   # The writer of step 4 stalls inside orbax; the kill lands while it is half written.
   env = {**jit_cache, "HAT_FAULT_SAVE_STEP": "4", "HAT_FAULT_SAVE_DELAY_S": "60"}
   proc = _start(tmp_path, train_data, env, "ckpt_every=2")
-  _wait_for(lambda: _half_written(tmp_path, 4) and checkpoint_steps(tmp_path) == [2], proc)
+  wait_for(lambda: _half_written(tmp_path, 4) and checkpoint_steps(tmp_path) == [2], proc)
   _kill(proc)
   assert checkpoint_steps(tmp_path) == [2]
   out = _resume_to_end(tmp_path, train_data, jit_cache, "ckpt_every=2")
@@ -142,7 +133,7 @@ def test_three_sigkills_at_random_steps_then_the_same_losses(
       lines = metrics.read_text().splitlines()[seen:] if metrics.exists() else []
       return any(f'"step": {s},' in l for l in lines for s in range(target, STEPS + 1))
 
-    _wait_for(reached, proc)
+    wait_for(reached, proc)
     time.sleep(rng.uniform(0.0, 0.3))  # anywhere in a step, a save included
     _kill(proc)
   _resume_to_end(tmp_path, train_data, jit_cache, "ckpt_every=1")

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from test_train import (ROOT, STEPS, checkpoint_steps, losses, reference_run,  # noqa: F401
+from test_train import (wait_for, ROOT, STEPS, checkpoint_steps, losses, reference_run,  # noqa: F401
                         run_train, sharded_run, train_args, train_data, train_env)
 
 
@@ -23,15 +23,6 @@ def _start(workdir, data, *overrides, **env):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for(cond, proc, timeout=240.0):
-  end = time.time() + timeout
-  while not cond():
-    if proc.poll() is not None:
-      raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
-    if time.time() > end:
-      proc.kill()
-      raise AssertionError("timed out waiting for the run")
-    time.sleep(0.1)
 
 
 @pytest.mark.slow
@@ -39,14 +30,14 @@ def test_sigkill_then_sigterm_then_resume_is_bit_exact(tmp_path, train_data, ref
   slow = {"HAT_DEBUG_STEP_DELAY_S": "0.4"}
   # 1) SIGKILL once the step-2 checkpoint is committed: steps after it are lost.
   proc = _start(tmp_path, train_data, "mesh=data=1", "ckpt_every=2", **slow)
-  _wait_for(lambda: 2 in checkpoint_steps(tmp_path), proc)
+  wait_for(lambda: 2 in checkpoint_steps(tmp_path), proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   # 2) Resume; SIGTERM after the first resumed step: it saves at its current step.
   done_before = checkpoint_steps(tmp_path)[-1]
   n_lines = len((tmp_path / "metrics.jsonl").read_text().splitlines())
   proc = _start(tmp_path, train_data, "mesh=data=1", "ckpt_every=100", **slow)
-  _wait_for(lambda: len((tmp_path / "metrics.jsonl").read_text().splitlines()) > n_lines, proc)
+  wait_for(lambda: len((tmp_path / "metrics.jsonl").read_text().splitlines()) > n_lines, proc)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out[-3000:]

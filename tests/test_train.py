@@ -13,6 +13,7 @@ import pathlib
 import random
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -73,6 +74,18 @@ def run_train(workdir, data, *overrides, devices=1, check=True, **env):
   if check and proc.returncode != 0:
     raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
   return proc
+
+
+def wait_for(cond, proc, timeout: float = 240.0, poll_s: float = 0.05) -> None:
+  """Polls `cond()` while the training subprocess `proc` runs; fails if it ends or times out."""
+  end = time.time() + timeout
+  while not cond():
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+    if time.time() > end:
+      proc.kill()
+      raise AssertionError("timed out waiting for the run")
+    time.sleep(poll_s)
 
 
 def losses(workdir: pathlib.Path) -> dict[int, float]:
