@@ -10,7 +10,13 @@ symbols the model emits *after* the last context byte:
   not counted: the text may go on.
 - BPE / byte LM / merge HAT (token layouts): the tokens of `encode(continuation)` after
   `BOS + encode(context)` (the lm-evaluation-harness convention; exact at any split for
-  the byte-level families).
+  the byte-level families). For BPE the tokens are the ones the model saw in training
+  only where the continuation starts with a space after a non-space; there the score is
+  that of the continuation *and a word boundary after it* (see `hat.eval.exact_bpe`).
+- BPE with `Scorer(..., exact=True)`: the byte-level log-likelihood
+  `log P(context + continuation) - log P(context)`, each a sum over the cover encodings
+  of the byte prefix (`hat.eval.exact_bpe`): exact and additive at any split, like HAT.
+  `exact` changes nothing for the other families, which are exact already.
 
 Requests are laid out with the run's static shapes and scored in fixed-size batches by
 one jit-compiled function, so nothing recompiles per request. A context longer than the
@@ -37,8 +43,8 @@ class Score:
   """Summed log-prob (nats) of a continuation, and whether greedy decoding produces it."""
 
   logprob: float
-  is_greedy: bool
-  num_symbols: int
+  is_greedy: bool  # always False for exact BPE scores (no byte-level greedy check)
+  num_symbols: int  # scored symbols: bytes / [W]s for HAT, tokens, bytes for exact BPE
 
 
 def _as_bytes(x: str | bytes) -> bytes:
@@ -53,10 +59,20 @@ def _token_logprobs(logits_BxLxV, targets_BxL):
   return lp_BxL, greedy_BxL
 
 
+@jax.jit
+def _row_logprobs(logits_BxTxV, targets_BxT, last_B):
+  """Per-position target log-probs, and the whole distribution at each row's end."""
+  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+  lp_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  final_BxV = logp_BxTxV[jnp.arange(logp_BxTxV.shape[0]), last_B]
+  return lp_BxT, final_BxV
+
+
 class Scorer:
   """Scores (context, continuation) pairs with a trained model of any kind."""
 
-  def __init__(self, model: nnx.Module, cfg, tokenizer=None, batch_size: int = 8):
+  def __init__(self, model: nnx.Module, cfg, tokenizer=None, batch_size: int = 8,
+               exact: bool = False, max_cover_rows: int = 64):
     self.cfg, self.tok, self.batch_size = cfg, tokenizer, batch_size
     graphdef, state = nnx.split(model)
 
@@ -74,6 +90,11 @@ class Scorer:
       if tokenizer is None:
         raise ValueError(f"the {self.family.name} family needs its tokenizer to score text")
       self._make_request = self._token_request
+    # Only BPE needs marginalising over tokenisations; the other families are byte-exact.
+    self.exact = None
+    if exact and self.family.name == "bpe":
+      from hat.eval.exact_bpe import ExactBPE
+      self.exact = ExactBPE(tokenizer, cfg.data.max_tokens, max_rows=max_cover_rows)
 
   # ------------------------------------------------------------------ request layout
 
@@ -131,11 +152,43 @@ class Scorer:
            "num_bytes_B": np.int32(len(continuation))}
     return seq, count, "targets_BxT"
 
+  def _token_row(self, ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """One `BOS + ids` row whose targets are `ids` (for the exact BPE path)."""
+    t, n = self.cfg.data.max_tokens, len(ids) + 1
+    tokens = np.full(t, self.tok.pad_id, np.int32)
+    tokens[:n] = [self.tok.bos_id, *ids]
+    targets = np.full(t, self.tok.pad_id, np.int32)
+    targets[:n - 1] = ids
+    return {"tokens_BxT": tokens, "targets_BxT": targets,
+            "target_mask_BxT": (np.arange(t) < n - 1).astype(np.int32),
+            "segment_BxT": (np.arange(t) < n).astype(np.int32),
+            "pos_BxT": np.where(np.arange(t) < n, np.arange(t), 0).astype(np.int32),
+            "num_bytes_B": np.int32(0)}
+
+  def _score_rows(self, rows: Sequence[tuple[int, ...]]):
+    """Yields (target log-probs, last-position log-softmax) per row, in fixed batches."""
+    for i in range(0, len(rows), self.batch_size):
+      chunk = list(rows[i:i + self.batch_size])
+      laid = [self._token_row(r) for r in chunk]
+      laid += [laid[-1]] * (self.batch_size - len(laid))
+      batch = layout.stack(laid)
+      last = np.asarray([len(r) for r in chunk] + [len(chunk[-1])] * (self.batch_size
+                                                                      - len(chunk)))
+      lp, final = _row_logprobs(self._forward(batch), jnp.asarray(batch["targets_BxT"]),
+                                jnp.asarray(last, np.int32))
+      lp, final = np.asarray(lp), np.asarray(final)
+      for j in range(len(chunk)):
+        yield lp[j], final[j]
+
   # ------------------------------------------------------------------------- scoring
 
   def loglikelihood_many(self, requests: Sequence[tuple[str | bytes, str | bytes]]
                          ) -> list[Score]:
     """Scores many (context, continuation) pairs in fixed-size batches."""
+    if self.exact is not None:
+      pairs = [(_as_bytes(c), _as_bytes(x)) for c, x in requests]
+      lls = self.exact.loglikelihood_many(pairs, self._score_rows)
+      return [Score(ll, False, len(x)) for ll, (_, x) in zip(lls, pairs)]
     laid = [self._make_request(_as_bytes(c), _as_bytes(x)) for c, x in requests]
     out: list[Score] = []
     for i in range(0, len(laid), self.batch_size):
