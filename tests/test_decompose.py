@@ -204,6 +204,8 @@ def test_decompose_tables_and_report(scored, tmp_path):
     for run in ("HAT", "BPE"):
       assert sum(r["bits"][run] for r in rows) == pytest.approx(result["totals"][run]["bits"])
     for r in rows:
+      for run in ("HAT", "BPE"):
+        assert sum(r["part_bits"][run].values()) == pytest.approx(r["bits"][run], abs=1e-9)
       if r["bytes"]:
         assert r["ratio"] == pytest.approx(r["bpb"]["HAT"] / r["bpb"]["BPE"])
   assert {r["bucket"]: r["words"] for r in result["groups"]["frequency"]}["top 1k"] > 0
@@ -212,7 +214,8 @@ def test_decompose_tables_and_report(scored, tmp_path):
   data = json.loads((tmp_path / "out" / "decompose.json").read_text())
   assert data["totals"]["HAT"]["bpb"] == pytest.approx(result["totals"]["HAT"]["bpb"])
   assert data["parts"]["HAT"]["labels"]["word_end"] == "[W]"
-  assert "| top 1k |" in md.read_text() and "## Where in a word" in md.read_text()
+  text = md.read_text()
+  assert "| top 1k |" in text and "## Where in a word" in text and "| HAT first |" in text
   assert (tmp_path / "out" / "decompose.png").read_bytes()[:4] == b"\x89PNG"
 
 

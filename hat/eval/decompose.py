@@ -328,8 +328,10 @@ def _bits(nats) -> float:
 
 
 def bucket_rows(names: Sequence[str], index_W: np.ndarray, bytes_W: np.ndarray,
-                nll_W: dict[str, np.ndarray]) -> list[dict]:
-  """Per bucket: words, bytes, bits and bpb per run, ratio and gap share (run 0 - run 1)."""
+                nll_W: dict[str, np.ndarray],
+                parts_W: dict[str, dict[str, np.ndarray]] | None = None) -> list[dict]:
+  """Per bucket: words, bytes, bits and bpb per run, ratio and gap share (run 0 - run 1),
+  and with `parts_W` ({run: {part: nll per word}}) each run's bits per part of a word."""
   a, b = list(nll_W)
   total_bytes = float(bytes_W.sum())
   gap = _bits(nll_W[a].sum() - nll_W[b].sum())
@@ -347,6 +349,9 @@ def bucket_rows(names: Sequence[str], index_W: np.ndarray, bytes_W: np.ndarray,
         "gap_bits": bits[a] - bits[b],
         "gap_share": (bits[a] - bits[b]) / gap if gap else None,
     })
+    if parts_W:
+      rows[-1]["part_bits"] = {r: {p: _bits(v[sel].sum()) for p, v in ps.items()}
+                               for r, ps in parts_W.items()}
   return rows
 
 
@@ -394,7 +399,8 @@ def decompose(atts: dict[str, Attribution], words: Words, ranks: FrequencyRanks)
       "bytes": nbytes, "words": len(words), "documents": int(words.doc_W.max()) + 1,
       "totals": totals,
       "gap_bits": totals[a]["bits"] - totals[b]["bits"],
-      "groups": {g: bucket_rows(names, index[g], bytes_W, nll_W)
+      "groups": {g: bucket_rows(names, index[g], bytes_W, nll_W,
+                                {r: att.parts for r, att in atts.items()})
                  for g, names in GROUPS.items()},
       "parts": {r: part_shares(att) for r, att in atts.items()},
       "top_gap_words": top_gap_words(stripped, nll_W),

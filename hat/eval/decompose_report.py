@@ -53,6 +53,7 @@ def markdown(result: dict, meta: dict) -> str:
   for p in PARTS:
     lines.append(f"| {p} | {pa['labels'][p]} | {pa['shares'][p]:.1%} | {pb['labels'][p]} | "
                  f"{pb['shares'][p]:.1%} |")
+  lines += [""] + _parts_by_bucket(result, ("frequency", "length"))
   lines += ["", "## Words that add most to the gap", "",
             f"| word | count | {a} bits | {b} bits | gap bits | gap share |",
             "|---|---:|---:|---:|---:|---:|"]
@@ -63,6 +64,28 @@ def markdown(result: dict, meta: dict) -> str:
                  f"{w['gap_bits']:,.0f} | {_num(share, '.1%')} |")
   lines += ["", f"![decomposition]({PNG_FILE})", ""]
   return "\n".join(lines)
+
+
+def _parts_by_bucket(result: dict, groups) -> list[str]:
+  """Tables: each bucket's bpb split into first / later / end parts, per run."""
+  a, b = result["runs"]
+  lines = ["Per bucket, each run's bpb split by where in the word it is paid (first byte "
+           "or token, later ones, word and document ends); the parts add up to the "
+           "bucket's bpb.", ""]
+  for group in groups:
+    lines += [f"| {group} | {a} first | {a} later | {a} ends | {b} first | {b} later | "
+              f"{b} ends |", "|---|" + "---:|" * 6]
+    for row in result["groups"][group]:
+      if not row.get("part_bits") or not row["bytes"]:
+        continue
+      cells = []
+      for r in (a, b):
+        pb = row["part_bits"][r]
+        cells += [pb["first"], pb["later"], pb["word_end"] + pb["doc_end"]]
+      lines.append(f"| {row['bucket']} | " + " | ".join(f"{c / row['bytes']:.3f}"
+                                                         for c in cells) + " |")
+    lines.append("")
+  return lines
 
 
 def plot(result: dict, path: storage.Path) -> None:
