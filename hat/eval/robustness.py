@@ -3,22 +3,33 @@ and a cloze task (the true next word among same-length distractors).
 
 Every model is scored on the identical examples and the identical perturbed contexts, so
 the degradation relative to the clean rate is directly comparable across HAT and BPE.
+
+Where the text is cut matters for a BPE model (DESIGN.md section 10): its pieces carry
+their leading space (`' the'`), so a context ending with the space and a continuation
+starting the word are tokenised as `[..., ' that', ' '] + ['the', ...]`, never seen in
+training. `cut="canonical"` (the default, as in lm-eval tasks) ends the context at the end
+of a word and starts the continuation with the space; `cut="word_start"` is the older cut
+after the space, kept to report both. Both cut at the same places (a word preceded by one
+space after a non-space) and end the continuation at the end of a word, before a space.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import random
 import re
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from hat import storage
-from hat.eval.loglik import Scorer
 from hat.eval.perturb import perturb
+from hat.eval.robustness_report import write_report  # noqa: F401 (part of this API)
+from hat.eval.robustness_stats import summarize
+
+if TYPE_CHECKING:  # the CLI imports this module before it needs jax
+  from hat.eval.loglik import Scorer
 
 _WORD = re.compile(r"\S+")
+CUTS = ("canonical", "word_start")
+_SEED_STRIDE = 1_000_003  # perturbation seed r of example i: seed + i + r * stride
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +42,17 @@ class Example:
   distractors: tuple[str, ...]
 
 
+def _tail_bytes(text: str, n: int) -> str:
+  """The last <= n bytes of `text`, starting at a character boundary."""
+  return text.encode()[-n:].decode("utf-8", "ignore") if n > 0 else ""
+
+
 def make_examples(docs: Sequence[bytes], n: int, *, context_bytes: int = 200,
                   continuation_bytes: int = 100, num_distractors: int = 3,
-                  seed: int = 0) -> list[Example]:
-  """Deterministic examples cut at whitespace from UTF-8 documents."""
+                  seed: int = 0, cut: str = "canonical") -> list[Example]:
+  """Deterministic examples cut before a word from UTF-8 documents (see module doc)."""
+  if cut not in CUTS:
+    raise ValueError(f"cut must be one of {CUTS}, got {cut!r}")
   rng = random.Random(seed)
   texts = []
   for d in docs:
@@ -52,52 +70,84 @@ def make_examples(docs: Sequence[bytes], n: int, *, context_bytes: int = 200,
     for w in _WORD.findall(t):
       if w.isalpha():
         by_len.setdefault(len(w), []).append(w)
+  lead = " " if cut == "canonical" else ""
   out = []
-  for i in range(n * 20):
+  for _ in range(n * 20):
     if len(out) == n:
       break
     t = texts[rng.randrange(len(texts))]
-    starts = [m.start() for m in _WORD.finditer(t)]
+    # Word starts after exactly one space that follows a non-space: the one place where
+    # both cuts exist and the canonical one is a token boundary for any BPE model.
+    starts = [m.start() for m in _WORD.finditer(t)
+              if m.start() >= 2 and t[m.start() - 1] == " " and not t[m.start() - 2].isspace()]
     cands = [s for s in starts if len(t[:s].encode()) >= context_bytes
              and len(t[s:].encode()) >= continuation_bytes]
     if not cands:
       continue
     s = rng.choice(cands[:50])
-    ctx = t[:s]
-    ctx = ctx[-context_bytes:]
-    cont = t[s:s + continuation_bytes]
+    # The continuation (space included) ends at the last word end before a space.
+    ends = [m.end() for m in _WORD.finditer(t, s) if t[m.end():m.end() + 1] == " "
+            and len(t[s - 1:m.end()].encode()) <= continuation_bytes]
     answer = _WORD.match(t, s).group(0)
-    pool = [w for w in by_len.get(len(answer), []) if w != answer]
-    if not answer.isalpha() or len(set(pool)) < num_distractors:
+    pool = sorted({w for w in by_len.get(len(answer), []) if w != answer})
+    if not ends or not answer.isalpha() or len(pool) < num_distractors:
       continue
-    distractors = tuple(rng.sample(sorted(set(pool)), num_distractors))
-    out.append(Example(ctx, cont, answer, distractors))
+    base = _tail_bytes(t[:s - 1], context_bytes - 1)  # room for the word_start space
+    distractors = tuple(lead + w for w in rng.sample(pool, num_distractors))
+    if cut == "canonical":
+      out.append(Example(base, t[s - 1:ends[-1]], lead + answer, distractors))
+    else:
+      out.append(Example(base + " ", t[s:ends[-1]], answer, distractors))
   if len(out) < n:
     raise ValueError(f"only {len(out)} of {n} robustness examples could be cut from the set")
   return out
 
 
-def evaluate_robustness(scorers: dict[str, Scorer], examples: Sequence[Example],
-                        kinds: Sequence[str], rates: Sequence[float], seed: int = 0) -> dict:
-  """{model: {kind: {rate: {bpb, cloze_acc}}}} on the identical perturbed contexts."""
-  results: dict = {name: {} for name in scorers}
-  cont_bytes = sum(len(e.continuation.encode()) for e in examples)
+def score_examples(scorers: dict[str, Scorer], examples: Sequence[Example],
+                   kinds: Sequence[str], rates: Sequence[float], seed: int = 0,
+                   seeds: int = 1) -> dict:
+  """Per-example log-likelihoods {model: {kind: {rate: {"ll", "cloze_ll"}}}}.
+
+  `ll[s][i]` is the continuation's log-prob (nats) after example i's context perturbed
+  with seed s; `cloze_ll[s][i]` the log-probs of the answer then each distractor.
+  The clean rate (0) is scored once and shared by every kind and seed.
+  """
+  if seeds < 1:
+    raise ValueError(f"seeds must be >= 1, got {seeds}")
+  k = 1 + len(examples[0].distractors)
+  raw: dict = {name: {} for name in scorers}
+  clean: dict = {}
   for kind in kinds:
     for rate in rates:
-      ctxs = [perturb(e.context, kind, rate, seed=seed + i) for i, e in enumerate(examples)]
-      lm_reqs = [(c, e.continuation) for c, e in zip(ctxs, examples)]
-      cloze_reqs = [(c, o) for c, e in zip(ctxs, examples)
-                    for o in (e.answer,) + e.distractors]
       for name, scorer in scorers.items():
-        ll = sum(s.logprob for s in scorer.loglikelihood_many(lm_reqs))
-        scores = [s.logprob for s in scorer.loglikelihood_many(cloze_reqs)]
-        k = 1 + len(examples[0].distractors)
-        correct = sum(max(range(k), key=lambda j: scores[i * k + j]) == 0
-                      for i in range(len(examples)))
-        results[name].setdefault(kind, {})[rate] = {
-            "bpb": -ll / (math.log(2.0) * cont_bytes),
-            "cloze_acc": correct / len(examples)}
-  return results
+        if rate == 0.0 and name in clean:
+          raw[name].setdefault(kind, {})[rate] = clean[name]
+          continue
+        lls, cloze = [], []
+        for r in range(1 if rate == 0.0 else seeds):
+          ctxs = [perturb(e.context, kind, rate, seed=seed + i + r * _SEED_STRIDE)
+                  for i, e in enumerate(examples)]
+          reqs = [(c, e.continuation) for c, e in zip(ctxs, examples)]
+          reqs += [(c, o) for c, e in zip(ctxs, examples) for o in (e.answer,) + e.distractors]
+          scores = [x.logprob for x in scorer.loglikelihood_many(reqs)]
+          n = len(examples)
+          lls.append(scores[:n])
+          cloze.append([scores[n + i * k:n + (i + 1) * k] for i in range(n)])
+        if rate == 0.0:
+          lls, cloze = lls * seeds, cloze * seeds
+          clean[name] = {"ll": lls, "cloze_ll": cloze}
+        raw[name].setdefault(kind, {})[rate] = {"ll": lls, "cloze_ll": cloze}
+  return raw
+
+
+def evaluate_robustness(scorers: dict[str, Scorer], examples: Sequence[Example],
+                        kinds: Sequence[str], rates: Sequence[float], seed: int = 0,
+                        seeds: int = 1, bootstrap: int = 2000) -> dict:
+  """Scores and summarises: {"results", "comparisons", "per_example"} (see `summarize`)."""
+  rates = sorted(set(rates) | {0.0})
+  raw = score_examples(scorers, examples, kinds, rates, seed=seed, seeds=seeds)
+  cont_bytes = [len(e.continuation.encode()) for e in examples]
+  return {**summarize(raw, cont_bytes, bootstrap=bootstrap, seed=seed), "per_example": raw}
 
 
 def degradation(results: dict) -> dict:
@@ -108,64 +158,3 @@ def degradation(results: dict) -> dict:
       clean = by_rate[min(by_rate)]["bpb"]
       out.setdefault(name, {})[kind] = {r: v["bpb"] / clean - 1.0 for r, v in by_rate.items()}
   return out
-
-
-def write_report(results: dict, out_dir: storage.PathLike, meta: dict) -> storage.Path:
-  """Writes robustness.json, robustness.md and robustness.png; returns the markdown path."""
-  out_dir = storage.path(out_dir)  # local or gs://
-  out_dir.mkdir(parents=True, exist_ok=True)
-  deg = degradation(results)
-  (out_dir / "robustness.json").write_text(json.dumps(
-      {"meta": meta, "results": _str_keys(results), "degradation": _str_keys(deg)}, indent=2))
-  models = list(results)
-  kinds = list(next(iter(results.values())))
-  rates = sorted(next(iter(next(iter(results.values())).values())))
-  lines = [f"# Robustness\n", "\n".join(f"- {k}: {v}" for k, v in meta.items()), "",
-           "bpb of the clean continuation after a perturbed context (relative change vs "
-           "clean in brackets), and cloze accuracy.", "",
-           "| perturbation | rate | " + " | ".join(f"{m} bpb | {m} cloze" for m in models)
-           + " |", "|---|---:|" + "---:|---:|" * len(models)]
-  for kind in kinds:
-    for rate in rates:
-      cells = []
-      for m in models:
-        r = results[m][kind][rate]
-        cells += [f"{r['bpb']:.3f} ({deg[m][kind][rate]:+.1%})", f"{r['cloze_acc']:.3f}"]
-      lines.append(f"| {kind} | {rate:g} | " + " | ".join(cells) + " |")
-  md = out_dir / "robustness.md"
-  md.write_text("\n".join(lines) + "\n\n![robustness](robustness.png)\n")
-  _plot(deg, out_dir / "robustness.png")
-  return md
-
-
-def _str_keys(d):
-  return {str(k): _str_keys(v) if isinstance(v, dict) else v for k, v in d.items()}
-
-
-def _plot(deg: dict, path: storage.Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  models = list(deg)
-  kinds = list(deg[models[0]])
-  cols = min(4, len(kinds))
-  rows = math.ceil(len(kinds) / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
-  for ax, kind in zip(axes.ravel(), kinds):
-    for m in models:
-      rates = sorted(deg[m][kind])
-      ax.plot([100 * r for r in rates], [100 * deg[m][kind][r] for r in rates], marker="o",
-              label=m)
-    ax.set_title(kind)
-    ax.set_xlabel("perturbed characters (%)")
-    ax.set_ylabel("bpb increase (%)")
-    ax.grid(alpha=0.3)
-  for ax in axes.ravel()[len(kinds):]:
-    ax.axis("off")
-  axes.ravel()[0].legend()
-  fig.suptitle("Degradation of continuation bpb under context perturbation")
-  fig.tight_layout()
-  with path.open("wb") as f:  # a file object: matplotlib cannot open a gs:// URL
-    fig.savefig(f, format="png", dpi=120)
-  plt.close(fig)
