@@ -1,136 +1,83 @@
-"""The paper's study end to end at small scale, with the project's own commands.
+"""The small-scale HAT vs BPE study, end to end, with the project's own commands.
 
-    python tools/experiment.py --out runs/experiment              # ~1 hour on a 2-core CPU
-    python tools/experiment.py --out runs/experiment_quick --quick  # a few minutes
+    python tools/experiment.py --out runs/study                  # ~2 hours on a 2-core CPU
+    python tools/experiment.py --out runs/study_quick --preset quick   # a few minutes
+    python tools/experiment.py --out runs/study_gpu --preset gpu       # ~8 min, one H100/H200
 
-Stages (each resumes or is skipped when its outputs exist, so an interrupted study can
-simply be restarted):
-  1. a BPE tokenizer trained on the English corpus;
-  2. HAT and a compute-matched BPE baseline pretrained on English on the identical byte
-     windows (same window size, batch and steps, so the same bytes) with equal FLOPs per
-     byte (the HAT backbone is sized by `hat.flops.match_hat_to_bpe`);
-  3. both continued on German with an English replay share;
-  4. bpb per language before and after (`python -m hat.evaluate`);
-  5. the robustness suite on the English models (`python -m hat.robustness`);
-  6. a generated sample from each model;
-and a report (`report.md` with PNG figures) in the output directory.
+Stages (each skips what is done, and a half-trained run resumes from its checkpoint, so
+an interrupted study is simply restarted with the same command):
+  0. BPE tokenizers (two vocabulary sizes) on the English corpus; bytes/word and
+     bytes/token measured; the HAT backbone sized to the BPE model's FLOPs per byte;
+  1. at the smallest budget: a learning-rate sweep per family (one more rate when the best
+     is at an edge), BPE's other vocabulary and HAT's knobs (decoder depth, encoder depth,
+     byte-stack width, unicode splitter), each at the family's best rate;
+  2. the compute ladder: each family's best setting at every larger budget, fed the
+     identical byte windows;
+  3. continued pretraining on German with English replay from the ladder top;
+  4. robustness (`hat.robustness`): the fair protocol (canonical cut, exact BPE scoring,
+     bootstrap intervals over examples and perturbation seeds) at final quality and
+     against the BPE checkpoint of matched clean bpb, and the old protocol for comparison;
+  5. the loss decomposition by whitespace word (`tools/decompose.py`); samples;
+and `report.md` (figures) and `results.json` in --out; `--publish DIR` copies them (and
+the tables and figures of stages 4-5) into DIR, e.g. docs/experiment.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import pathlib
-import subprocess
+import shutil
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
-from hat import config as config_lib  # noqa: E402
-from hat import flops  # noqa: E402
 from hat.cli import UserError, entry_point  # noqa: E402
-
-SCALES = {
-    # name: (pretrain steps, continued-pretraining steps, robustness examples, final eval
-    # batches; None = the whole validation split, so both models score the same bytes)
-    "full": (1500, 600, 150, None),
-    "quick": (60, 30, 12, 4),
-}
+from study import report  # noqa: E402
+from study.presets import PRESETS  # noqa: E402
+from study.runner import Runner  # noqa: E402
+from study.setup import prepare  # noqa: E402
+from study.stages import Study  # noqa: E402
 
 
-def _run(cmd: list[str], log: pathlib.Path) -> None:
-  """Runs a project command, echoing it, with its output teed into `log`."""
-  print("+", " ".join(cmd), flush=True)
-  log.parent.mkdir(parents=True, exist_ok=True)
-  with log.open("a") as f:
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-    f.write(proc.stdout)
-  if proc.returncode:
-    print(proc.stdout[-3000:])
-    raise SystemExit(f"command failed ({proc.returncode}); log: {log}")
+def _ladder_rows(ladder: dict, window_bytes: int, batch: int) -> list[dict]:
+  rows = []
+  for h, b in zip(ladder["hat"], ladder["bpe"]):
+    rows.append({"steps": h.steps, "bytes_seen": h.steps * window_bytes * batch,
+                 "hat": h.row(), "bpe": b.row(), "ratio": h.en_bpb / b.en_bpb,
+                 "ratio_de": h.de_bpb / b.de_bpb})
+  return rows
 
 
-def _overrides(d: dict) -> list[str]:
-  return [f"--config.{k}={v}" for k, v in d.items()]
+def _sweep_rows(sweep: dict) -> dict:
+  out = {}
+  for family, sw in sweep.items():
+    runs = list(sw["lrs"].values()) + [t for n, t in sw["variants"].items()
+                                       if t not in sw["lrs"].values()]
+    out[family] = {"best_lr": sw["best_lr"], "best_variant": sw["best_variant"],
+                   "lrs_tried": {f"{lr:g}": t.en_bpb for lr, t in sorted(sw["lrs"].items())},
+                   "variants": {n: {"en_bpb": t.en_bpb, "flops": t.flops}
+                                for n, t in sw["variants"].items()},
+                   "runs": [t.row() for t in runs]}
+  return out
 
 
-def matched_hat_backbone(bpe_cfg, hat_cfg, bpw: float, bpt: float) -> dict:
-  """HAT backbone overrides with the BPE model's FLOPs per byte (small widths)."""
-  m = flops.match_hat_to_bpe(bpe_cfg, bpw, bpt, hat_cfg, layers=range(2, 7), head_dim=32,
-                             aspect=64.0, tolerance=0.1)
-  bb = m.backbone
-  return {"model.backbone.num_layers": bb.num_layers, "model.backbone.d_model": bb.d_model,
-          "model.backbone.num_heads": bb.num_heads,
-          "model.backbone.num_kv_heads": bb.num_kv_heads,
-          "model.backbone.head_dim": bb.head_dim, "model.backbone.mlp_dim": bb.mlp_dim,
-          "_ratio": m.ratio}
+def _read_json(path: pathlib.Path):
+  import json
+  return json.loads(path.read_text()) if path.exists() else None
 
 
-def _metrics(workdir: pathlib.Path) -> list[dict]:
-  path = workdir / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _eval_curve(workdir: pathlib.Path, key: str) -> list[tuple[int, float]]:
-  return [(m["step"], m[key]) for m in _metrics(workdir) if key in m]
-
-
-def _plot_report(out: pathlib.Path, runs: dict, flops_per_step: dict, evals: dict,
-                 samples: dict, matched: dict, args) -> pathlib.Path:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  for kind in ("hat", "bpe"):
-    for ax, key, title in ((axes[0], "eval/de_val/bpb", "German bpb (continued pretraining)"),
-                           (axes[1], "eval/en_val/bpb", "English bpb (retention)")):
-      start = evals[f"{kind}_en"][key.split("/")[1]]["bpb"]
-      curve = [(0, start)] + _eval_curve(runs[f"{kind}_de"], key)
-      xs = [s * flops_per_step[f"{kind}_de"] for s, _ in curve]
-      ax.plot(xs, [v for _, v in curve], marker="o", label=kind.upper())
-      ax.set_title(title)
-      ax.set_xlabel("continued-pretraining FLOPs")
-      ax.set_ylabel("bits per byte")
-      ax.grid(alpha=0.3)
-      ax.legend()
-  fig.tight_layout()
-  fig.savefig(out / "cpt_curves.png", dpi=120)
-  plt.close(fig)
-
-  lines = ["# HAT vs BPE: pretraining, continued pretraining, robustness", "",
-           f"Produced by `python tools/experiment.py --out {args.out}"
-           f"{' --quick' if args.quick else ''}` on the shared corpora "
-           f"(English `{args.en}`, German `{args.de}`).", "",
-           f"- pretraining: {args.pretrain_steps} steps on English; continued pretraining: "
-           f"{args.cpt_steps} steps on German + {args.replay:.0%} English replay",
-           f"- BPE tokenizer: {args.vocab} pieces, trained on the English corpus",
-           f"- compute matching: HAT backbone {matched['model.backbone.num_layers']} layers x "
-           f"{matched['model.backbone.d_model']} for {matched['_ratio']:.3f}x the BPE FLOPs "
-           "per byte (analytic, at the corpus's measured bytes/word and bytes/token)",
-           "- training FLOPs per step (analytic, padded shapes): " + ", ".join(
-               f"{k} {v:.3g}" for k, v in flops_per_step.items()), "",
-           "## bits per byte (validation)", "",
-           "| model | stage | en_val bpb | de_val bpb | word acc (en) | bytes scored (en / de) |",
-           "|---|---|---:|---:|---:|---:|"]
-  for name, res in evals.items():
-    kind, stage = name.split("_")
-    wa = res["en_val"].get("word_acc")
-    lines.append(f"| {kind.upper()} | {'after German' if stage == 'de' else 'English only'} | "
-                 f"{res['en_val']['bpb']:.4f} | {res['de_val']['bpb']:.4f} | "
-                 f"{'-' if wa is None else f'{wa:.4f}'} | "
-                 f"{int(res['en_val']['bytes']):,} / {int(res['de_val']['bytes']):,} |")
-  lines += ["", "![continued pretraining](cpt_curves.png)", "",
-            "## Robustness (English models)", "",
-            "See [robustness/robustness.md](robustness/robustness.md).", "",
-            "![robustness](robustness/robustness.png)", "", "## Samples", ""]
-  for name, text in samples.items():
-    lines += [f"**{name}**", "", "```", text.strip(), "```", ""]
-  path = out / "report.md"
-  path.write_text("\n".join(lines))
-  return path
+def _publish(out: pathlib.Path, dest: pathlib.Path) -> None:
+  """Copies the report, results and the stage reports (no checkpoints) into `dest`."""
+  dest.mkdir(parents=True, exist_ok=True)
+  for name in ("report.md", "results.json", "ladder.png", "cpt_curves.png"):
+    shutil.copy2(out / name, dest / name)
+  for sub in ("robustness", "decompose"):
+    if (out / sub).exists():
+      shutil.copytree(out / sub, dest / sub, dirs_exist_ok=True,
+                      ignore=shutil.ignore_patterns("*.npz", "*.npy"))
 
 
 @entry_point
@@ -139,102 +86,69 @@ def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="output directory for runs and the report")
+  p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                 help="cpu: ~2 h on 2 cores; quick: minutes (smoke test); gpu: ~8 min "
+                      "on one H100/H200")
+  p.add_argument("--quick", action="store_true", help="same as --preset quick")
   p.add_argument("--en", default="../shared/data/corpus/en", help="English text (file/dir)")
   p.add_argument("--de", default="../shared/data/corpus/de", help="German text (file/dir)")
-  p.add_argument("--quick", action="store_true", help="a few minutes instead of ~1 hour")
-  p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size")
-  p.add_argument("--replay", type=float, default=0.1, help="English share during German CPT")
+  p.add_argument("--budgets", default=None,
+                 help="comma-separated pretraining steps of the ladder rungs, replacing the "
+                      "preset's (e.g. 300,600,1200)")
+  p.add_argument("--jobs", type=int, default=1,
+                 help="independent runs trained at once (default 1)")
+  p.add_argument("--publish", default=None,
+                 help="copy report.md, results.json, figures and stage reports here")
   args = p.parse_args(argv)
-  scale = SCALES["quick" if args.quick else "full"]
-  args.pretrain_steps, args.cpt_steps, n_examples, eval_batches = scale
-  out = (ROOT / args.out).resolve() if not pathlib.Path(args.out).is_absolute() \
-      else pathlib.Path(args.out)
+  preset = PRESETS["quick" if args.quick else args.preset]
+  if args.budgets:
+    try:
+      budgets = tuple(sorted(int(b) for b in args.budgets.split(",")))
+    except ValueError:
+      raise UserError(f"--budgets: comma-separated step counts, got {args.budgets!r}") from None
+    preset = dataclasses.replace(preset, budgets=budgets)
+  out = pathlib.Path(args.out)
+  out = out if out.is_absolute() else (ROOT / out)
   out.mkdir(parents=True, exist_ok=True)
-  logs = out / "logs"
-  py = sys.executable
   for path in (args.en, args.de):
     if not (ROOT / path).exists() and not pathlib.Path(path).exists():
-      raise UserError(f"corpus not found: {path}")
+      raise UserError(f"corpus not found: {path} (give --en/--de)")
 
-  # 1. Tokenizer.
-  tok = out / "bpe.model"
-  if not tok.exists():
-    _run([py, "tools/train_tokenizer.py", args.en, "--vocab-size", str(args.vocab),
-          "--out", str(tok), "--max-bytes", str(20_000_000)], logs / "tokenizer.log")
+  runner = Runner(out.resolve(), jobs=args.jobs)
+  setup = prepare(runner, preset, args.en, args.de)
+  print(f"setup: bytes/word {setup.bytes_per_word}, bytes/token {setup.bytes_per_token}; "
+        f"HAT backbone {setup.matched} at {setup.match_ratio:.3f}x BPE FLOPs/byte",
+        flush=True)
+  study = Study(runner, preset, setup, args.en, args.de)
+  sweep = study.sweep()
+  ladder = study.ladder(sweep)
+  top = {f: runs[-1] for f, runs in ladder.items()}
+  cpt = study.cpt(top, preset.replay)
+  matched = study.matched_bpe_checkpoint(top["hat"], top["bpe"])
+  study.robustness(top["hat"], top["bpe"], matched)
+  study.decompose(top["hat"], top["bpe"], args.en)
+  samples = study.samples({"hat_en": top["hat"].workdir, "bpe_en": top["bpe"].workdir,
+                           "hat_cpt": out / "runs" / "hat_cpt",
+                           "bpe_cpt": out / "runs" / "bpe_cpt"})
 
-  en, de = f"text:{args.en}", f"text:{args.de}"
-  evals_spec = f"en_val={en},de_val={de}"
-  common = {"data.eval": evals_spec, "eval_every":
-            max(10, args.pretrain_steps // 6), "eval_batches": (eval_batches or 40) // 2 or 1,
-            "ckpt_every": max(10, args.pretrain_steps // 3)}
-  bpe_over = {**common, "data.tokenizer": str(tok), "data.max_tokens": 256}
-  # Compute matching at the corpus's own bytes/word and bytes/token.
-  from hat.text.bpe import BPETokenizer
-  from hat.text.splitter import Splitter
-  sample = b"".join(p.read_bytes()[:200_000]
-                    for p in sorted((ROOT / args.en).rglob("*.txt"))[:10]) \
-      if (ROOT / args.en).is_dir() else (ROOT / args.en).read_bytes()[:2_000_000]
-  bpw = len(sample) / len(Splitter("whitespace", 31).split(sample))
-  tokenizer = BPETokenizer.load(tok)
-  bpt = len(sample) / len(tokenizer.encode(sample))
-  bpe_cfg = config_lib.resolve("configs/tiny_bpe.py", _overrides(
-      {**bpe_over, "model.vocab_size": tokenizer.vocab_size}))
-  hat_cfg = config_lib.resolve("configs/tiny_hat.py", _overrides(common))
-  matched = matched_hat_backbone(bpe_cfg, hat_cfg, bpw, bpt)
-  hat_over = {**common, **{k: v for k, v in matched.items() if not k.startswith("_")}}
-  hat_cfg = config_lib.resolve("configs/tiny_hat.py", _overrides(hat_over))
-  print(f"bytes/word {bpw:.2f}, bytes/token {bpt:.2f}; HAT backbone matched to BPE: "
-        f"{matched['model.backbone.num_layers']}x{matched['model.backbone.d_model']} "
-        f"(FLOPs/byte ratio {matched['_ratio']:.3f})", flush=True)
-
-  runs = {n: out / n for n in ("hat_en", "bpe_en", "hat_de", "bpe_de")}
-  cfgs = {"hat": ("configs/tiny_hat.py", hat_over), "bpe": ("configs/tiny_bpe.py", bpe_over)}
-  mix = f"{de}={1 - args.replay:g},{en}={args.replay:g}"
-  for kind, (cfg_file, over) in cfgs.items():
-    # 2. Pretraining on English.
-    _run([py, "-m", "hat.train", "--no-progress", "--config", cfg_file, "--workdir",
-          str(runs[f"{kind}_en"])] + _overrides({**over, "data.train": en,
-                                                 "steps": args.pretrain_steps}),
-         logs / f"{kind}_en.log")
-    # 3. Continued pretraining on German with English replay, its own schedule.
-    _run([py, "-m", "hat.train", "--no-progress", "--config", cfg_file, "--workdir",
-          str(runs[f"{kind}_de"])] + _overrides({
-              **over, "data.train": mix, "steps": args.cpt_steps,
-              "init_from": str(runs[f"{kind}_en"]), "optim.warmup_steps":
-              max(1, args.cpt_steps // 10),
-              "eval_every": max(5, args.cpt_steps // 6)}), logs / f"{kind}_de.log")
-
-  # 4. bpb per language, before and after.
-  evals = {}
-  for name, wd in runs.items():
-    res = wd / "eval_final.json"
-    if not res.exists():
-      cap = [] if eval_batches is None else ["--max-batches", str(eval_batches)]
-      _run([py, "-m", "hat.evaluate", "--workdir", str(wd), "--eval", "en_val", "--eval",
-            "de_val", *cap, "--out", str(res)], logs / f"eval_{name}.log")
-    evals[name] = json.loads(res.read_text())["results"]
-
-  # 5. Robustness on the English models.
-  rob = out / "robustness"
-  if not (rob / "robustness.json").exists():
-    _run([py, "-m", "hat.robustness", "--run", f"HAT={runs['hat_en']}", "--run",
-          f"BPE={runs['bpe_en']}", "--eval", "en_val", "--examples", str(n_examples),
-          "--out", str(rob)], logs / "robustness.log")
-
-  # 6. Samples.
-  samples = {}
-  for name, wd in runs.items():
-    prompt = "Der alte Mann sagte, dass " if name.endswith("_de") else "The old man said that "
-    proc = subprocess.run([py, "-m", "hat.generate", "--workdir", str(wd), "--prompt", prompt,
-                           "--max-new-bytes", "160", "--seed", "0"], cwd=ROOT,
-                          capture_output=True, text=True)
-    samples[name] = proc.stdout if proc.returncode == 0 else f"(failed: {proc.stderr[-300:]})"
-
-  flops_per_step = {
-      "hat_de": flops.train_flops_per_step(hat_cfg),
-      "bpe_de": flops.train_flops_per_step(bpe_cfg, tokenizer.vocab_size)}
-  report = _plot_report(out, runs, flops_per_step, evals, samples, matched, args)
-  print(f"report: {report}")
+  window, batch = int(preset.common["data.window_bytes"]), int(preset.common["data.batch_size"])
+  command = " ".join(["python tools/experiment.py", *(argv if argv is not None
+                                                      else sys.argv[1:])])
+  results = {
+      "preset": preset.name, "command": command, "machine": report.machine(),
+      "en": args.en, "de": args.de, "window_bytes": window, "batch_size": batch,
+      "vocabs": list(preset.vocabs), "setup": setup.to_json(),
+      "ladder": _ladder_rows(ladder, window, batch), "sweep": _sweep_rows(sweep),
+      "cpt": cpt, "matched": matched,
+      "robustness": {n: _read_json(out / "robustness" / n / "robustness.json")
+                     for n in ("final", "matched", "old_protocol")},
+      "decomposition": _read_json(out / "decompose" / "decompose.json"),
+      "samples": samples}
+  path = report.write(out, results, command)
+  print(f"report: {path}")
+  if args.publish:
+    _publish(out, pathlib.Path(args.publish))
+    print(f"published to {args.publish}")
   return 0
 
 

@@ -1,0 +1,78 @@
+"""The study's decisions (tools/study/analysis.py) and presets, without training anything."""
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+
+from study import analysis  # noqa: E402
+from study.presets import KNOBS, PRESETS  # noqa: E402
+
+
+def test_next_lr_extends_a_sweep_whose_best_is_at_an_edge():
+  assert analysis.next_lr({1e-3: 3.0, 2e-3: 2.9, 4e-3: 2.8}) == pytest.approx(8e-3)
+  assert analysis.next_lr({1e-3: 2.7, 2e-3: 2.9, 4e-3: 3.0}) == pytest.approx(5e-4)
+  assert analysis.next_lr({1e-3: 3.0, 2e-3: 2.7, 4e-3: 2.8}) is None
+  assert analysis.next_lr({1e-3: 3.0}) is None
+
+
+def test_flops_to_reach_interpolates_between_the_bracketing_evals():
+  curve = [(0.0, 5.0), (10.0, 3.0), (20.0, 2.0)]
+  assert analysis.flops_to_reach(curve, 4.0) == pytest.approx(5.0)
+  assert analysis.flops_to_reach(curve, 2.5) == pytest.approx(15.0)
+  assert analysis.flops_to_reach(curve, 2.0) == pytest.approx(20.0)
+  assert analysis.flops_to_reach(curve, 1.9) is None
+  assert analysis.flops_to_reach(curve, 6.0) == 0.0
+  # A curve that dips below and comes back still reached the target at the dip.
+  assert analysis.flops_to_reach([(0, 5.0), (10, 2.0), (20, 3.0)], 2.5) == pytest.approx(
+      0 + 10 * (5.0 - 2.5) / 3.0)
+
+
+def test_nearest_checkpoint_prefers_the_closest_then_the_earlier():
+  assert analysis.nearest_checkpoint({100: 3.0, 200: 2.6, 300: 2.4}, 2.55) == 200
+  assert analysis.nearest_checkpoint({100: 3.0, 200: 2.0}, 2.5) == 100
+  with pytest.raises(ValueError):
+    analysis.nearest_checkpoint({}, 2.0)
+
+
+def test_max_tokens_covers_the_average_window_with_headroom():
+  n = analysis.max_tokens_for(512, 3.3)
+  assert n % 16 == 0 and n >= 512 / 3.3 * 1.2
+  assert analysis.max_tokens_for(512, 2.0) > n  # a smaller vocabulary needs more tokens
+
+
+def test_ratio_trend_and_best():
+  assert analysis.ratio_trend([1.2, 1.15, 1.1]) == "falls"
+  assert analysis.ratio_trend([1.1, 1.2]) == "rises"
+  assert analysis.ratio_trend([1.1, 1.102]) == "flat"
+  assert analysis.best({"a": {"bpb": 2.0}, "b": {"bpb": 1.5}}) == "b"
+
+
+def test_presets_are_consistent():
+  for p in PRESETS.values():
+    assert list(p.budgets) == sorted(p.budgets)
+    assert set(p.knobs) <= set(KNOBS)
+    assert p.vocabs and p.lrs and 0 <= p.replay < 1
+  cpu = PRESETS["cpu"]
+  assert cpu.budgets[-1] >= 4 * cpu.budgets[0]  # the ladder spans >= 4x in FLOPs
+  assert len(cpu.lrs) >= 3 and len(cpu.vocabs) >= 2
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_config_validates(name):
+  """Every run a preset can launch is a valid config (checked before hours of training)."""
+  from hat import config as config_lib
+  from study.runner import overrides
+  from study.setup import BPE_CONFIG, HAT_CONFIG, schedule
+
+  p = PRESETS[name]
+  sched = schedule(p, p.budgets[-1], p.bpe_checkpoints)
+  assert sched["steps"] % sched["eval_every"] == 0  # every kept checkpoint is evaluated
+  for knob in (None, *p.knobs):
+    over = {**p.common, **p.hat, **(KNOBS[knob] if knob else {}), **sched}
+    config_lib.resolve(HAT_CONFIG, overrides(over))
+  over = {**p.common, **p.bpe, **sched, "data.max_tokens": analysis.max_tokens_for(
+      int(p.common["data.window_bytes"]), 3.0)}
+  config_lib.resolve(BPE_CONFIG, overrides(over))
