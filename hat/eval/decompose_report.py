@@ -109,9 +109,17 @@ def plot(result: dict, path: storage.Path) -> None:
   top.set_title("bpb per word bucket (dotted: overall)")
   top.legend()
   shares = [100 * (r["gap_share"] or 0.0) for _, r in rows]
-  bottom.bar(xs, shares, 0.6, color=["C3" if s >= 0 else "C2" for s in shares])
+  # Next to each bucket's share of the bytes: a bucket whose gap share exceeds its byte
+  # share is where the first run loses more than its average.
+  byte_shares = [100 * r["byte_share"] for _, r in rows]
+  bottom.bar([x - w / 2 for x in xs], byte_shares, w, color="lightgrey")
+  bottom.bar([x + w / 2 for x in xs], shares, w,
+             color=["C3" if s >= 0 else "C2" for s in shares])
   bottom.axhline(0, color="k", lw=0.8)
-  bottom.set_ylabel(f"share of the gap {a} - {b} (%)")
+  bottom.set_ylim(top=1.15 * max(byte_shares + shares))  # room for the group names
+  bottom.set_ylabel("share (%)")
+  bottom.set_title(f"share of the bytes (grey) and of the gap {a} - {b} (red; green: "
+                   f"{a} better)")
   bottom.set_xticks(xs)
   bottom.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
   # Group boundaries and names, so the buckets of one grouping read together.
