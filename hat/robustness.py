@@ -14,7 +14,7 @@ robustness.md, robustness.json (per-example log-likelihoods included) and a PNG 
 Where the text is cut (--cut): `canonical` ends the context at the end of a word and
 starts the continuation with the space (lm-eval convention; a BPE model sees the
 tokenisation it was trained on); `word_start` cuts after the space, which puts a BPE model
-off-distribution unless --exact marginalises over its tokenisations.
+off-distribution unless --exact (the default) marginalises over its tokenisations.
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--cut", choices=CUTS, default="canonical",
                       help="canonical: continuation starts with the space (default); "
                       "word_start: context ends with the space")
-  parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=False,
+  parser.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
                       help="score BPE runs with the exact byte-level likelihood (sum over "
-                      "cover encodings), valid at any cut; other families are exact anyway")
+                      "cover encodings; the same event HAT scores), valid at any cut; "
+                      "--no-exact: the lm-eval token path. Other families are exact anyway")
   parser.add_argument("--bootstrap", type=int, default=2000,
                       help="bootstrap resamples for the 95%% intervals")
   parser.add_argument("--batch-size", type=int, default=8, help="scoring batch size")

@@ -156,3 +156,13 @@ def test_stats_count_rows_and_covers(scorers):
   exact.loglikelihood_many([(b"the cat", b" sat"), (b"the cat ", b"sat")])
   assert exact.exact.stats.requests == before + 2
   assert exact.exact.stats.covers >= exact.exact.stats.groups >= 2
+
+
+def test_long_contexts_keep_their_most_recent_tokens(scorers, tok):
+  exact, _ = scorers
+  long = TEXT * 4  # far more than data.max_tokens=96 tokens
+  assert len(tok.encode(long)) > 96
+  s = exact.loglikelihood(long, b"the cat").logprob
+  assert np.isfinite(s) and s < 0
+  with pytest.raises(ValueError, match="max_tokens"):
+    exact.loglikelihood(b"the", b" cat" * 200)

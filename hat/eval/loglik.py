@@ -72,7 +72,7 @@ class Scorer:
   """Scores (context, continuation) pairs with a trained model of any kind."""
 
   def __init__(self, model: nnx.Module, cfg, tokenizer=None, batch_size: int = 8,
-               exact: bool = False, max_cover_rows: int = 64):
+               exact: bool = False, max_cover_rows: int = 256):
     self.cfg, self.tok, self.batch_size = cfg, tokenizer, batch_size
     graphdef, state = nnx.split(model)
 
