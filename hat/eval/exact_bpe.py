@@ -41,12 +41,12 @@ is checked on the last word alone and all rows share the canonical tokens before
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 _SPACE = 0x20
+_CACHE_SIZE = 1 << 16
 # (row token ids without BOS, per-row log-probs of its targets, last-position log-softmax)
 RowScorer = Callable[[Sequence[tuple[int, ...]]], Iterable[tuple[np.ndarray, np.ndarray]]]
 
@@ -70,7 +70,10 @@ class Stats:
 
 
 def hard_boundary(x: bytes, j: int) -> int:
-  """The last position `p <= j` that no token of any extension of `x` crosses."""
+  """The last `p <= j` that no token crosses in any text starting with `x`.
+
+  That is 0 or a space after a non-space: the tokenizer never makes a piece holding both.
+  """
   p = j
   while p > 0 and not (x[p] == _SPACE and x[p - 1] != _SPACE):
     p -= 1
@@ -92,20 +95,23 @@ class ExactBPE:
     self._by_prefix = {k: np.asarray(v, np.int32) for k, v in by_prefix.items()}
     self.max_piece_bytes = max(len(p) for p in self.pieces)
     self.stats = Stats()
+    self._valid: dict[tuple[bytes, bytes], np.ndarray] = {}
 
-  @functools.lru_cache(maxsize=1 << 16)
   def _valid_last(self, word: bytes, rest: bytes) -> np.ndarray:
     """Tokens t with bytes starting with `rest` such that enc(word + t) == enc(word) + [t].
 
     `word` starts at a hard boundary, so this is the validity of the whole cover.
     """
-    cands = self._by_prefix.get(rest)
-    if cands is None:
-      return np.zeros(0, np.int32)
-    head = self.tok.encode(word)
-    keep = [t for t in cands.tolist()
-            if self.tok.encode(word + self.pieces[t]) == head + [t]]
-    return np.asarray(keep, np.int32)
+    key = (word, rest)
+    if key not in self._valid:
+      if len(self._valid) > _CACHE_SIZE:  # words repeat; a bounded cache is plenty
+        self._valid.clear()
+      head = self.tok.encode(word)
+      cands = self._by_prefix.get(rest, np.zeros(0, np.int32)).tolist()
+      self._valid[key] = np.asarray(
+          [t for t in cands if self.tok.encode(word + self.pieces[t]) == head + [t]],
+          np.int32)
+    return self._valid[key]
 
   def covers(self, x: bytes) -> list[Cover]:
     """The valid covers of the byte prefix `x`, grouped by their canonical prefix."""
