@@ -220,9 +220,7 @@ def test_decompose_tables_and_report(scored, tmp_path):
 
 
 def test_command_line_checks_its_flags(capsys):
-  spec = importlib.util.spec_from_file_location("_decompose_tool", ROOT / "tools/decompose.py")
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
+  tool = _tool()
   args = tool.parse_args(["--run", "A=x", "--run", "B=y", "--out", "o", "--max-bytes", "10"])
   assert args.runs == {"A": "x", "B": "y"} and args.max_bytes == 10 and args.eval is None
   for bad, msg in ((["--run", "A=x"], "exactly two"), (["--run", "A", "--run", "B=y"],
@@ -234,3 +232,33 @@ def test_command_line_checks_its_flags(capsys):
     with pytest.raises(SystemExit):
       tool.parse_args([*bad, "--out", "o"])
     assert msg in capsys.readouterr().err
+
+
+def _tool():
+  spec = importlib.util.spec_from_file_location("_decompose_tool", ROOT / "tools/decompose.py")
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  return tool
+
+
+def test_command_line_end_to_end(runs, tmp_path, monkeypatch, capsys):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  from hat import rundir  # pylint: disable=g-import-not-at-top
+
+  by_dir = {"h": runs["hat"], "b": runs["bpe"]}
+  monkeypatch.setattr(rundir, "load_for_inference", lambda workdir: by_dir[workdir])
+  out = tmp_path / "out"
+  assert _tool().main(["--run", "HAT=h", "--run", "BPE=b", "--max-bytes", "1500",
+                       "--out", str(out), "--no-progress"]) == 0
+  data = json.loads((out / "decompose.json").read_text())
+  assert data["meta"]["families"] == {"HAT": "hat", "BPE": "bpe"}
+  assert 0 < data["bytes"] <= 1500 and data["meta"]["train_bytes"] > 10 * data["bytes"]
+  assert "| top 1k |" in capsys.readouterr().out
+  # Runs whose eval set is not the same text: a one-line error, not a comparison.
+  model, cfg, tok = runs["bpe"]
+  other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                            validation_fraction=0.1))
+  by_dir["b"] = (model, other, tok)
+  assert _tool().main(["--run", "HAT=h", "--run", "BPE=b", "--out", str(out)]) == 2
+  assert "is not the same text" in capsys.readouterr().err

@@ -121,10 +121,10 @@ def main(argv: list[str]) -> int:
           for name, (model, cfg, tok) in loaded.items()}
   result = dec.decompose(atts, words, FrequencyRanks(counts))
   meta = {"text": text_label,
-          "runs": ", ".join(f"{n}={w} ({family_of(loaded[n][1]).name})"
-                            for n, w in args.runs.items()),
-          "word frequencies": f"train split of {train_spec}: {train_bytes:,} bytes, "
-                              f"{len(counts):,} word types"}
+          "workdirs": dict(args.runs),
+          "families": {n: family_of(cfg).name for n, (_, cfg, _) in loaded.items()},
+          "train_text": f"train split of {train_spec}",
+          "train_bytes": train_bytes, "train_word_types": len(counts)}
   md = write_report(result, args.out, meta)
   print(md.read_text())
   print(f"wrote {md.parent}/decompose.{{json,md,png}}")

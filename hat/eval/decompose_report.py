@@ -17,12 +17,18 @@ def _num(x, fmt: str) -> str:
   return "-" if x is None else format(x, fmt)
 
 
+def _meta_value(v) -> str:
+  if isinstance(v, dict):
+    return ", ".join(f"{k}={x}" for k, x in v.items())
+  return f"{v:,}" if isinstance(v, int) else str(v)
+
+
 def markdown(result: dict, meta: dict) -> str:
   """The decomposition as markdown tables."""
   a, b = result["runs"]
   tot = result["totals"]
   lines = [f"# Where {a} loses bits against {b}", "",
-           *(f"- {k}: {v}" for k, v in meta.items()),
+           *(f"- {k}: {_meta_value(v)}" for k, v in meta.items()),
            f"- scored: {result['bytes']:,} bytes, {result['words']:,} words, "
            f"{result['documents']:,} documents",
            f"- {WORD_RULE}", "",
