@@ -132,3 +132,14 @@ def test_suite_runs_and_writes_report(tmp_path):
   with pytest.raises(ValueError, match="format"):
     (tmp_path / "bad.json").write_text(json.dumps({"format": 1}))
     load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seeds", "0"], "--seeds must be >= 1"), (["--cut", "middle"], "invalid choice"),
+    (["--bootstrap", "0"], "--bootstrap must be >= 1")])
+def test_command_line_rejects_bad_flags_in_one_line(tmp_path, capsys, flags, message):
+  from hat.robustness import main  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(SystemExit) as e:
+    main(["--run", f"a={tmp_path}", "--out", str(tmp_path / "o"), *flags])
+  assert e.value.code == 2 and message in capsys.readouterr().err
