@@ -11,7 +11,7 @@ from flax import nnx
 from hat import config as C
 from hat.eval.loglik import Scorer
 from hat.eval.robustness import degradation, evaluate_robustness, make_examples
-from hat.eval.robustness_report import load, write_report
+from hat.eval.robustness_report import load, report_of, write_report
 from hat.eval.robustness_stats import summarize
 from hat.models import build_model
 from hat.text.tokenizers import ByteTokenizer
@@ -124,6 +124,9 @@ def test_suite_runs_and_writes_report(tmp_path):
   assert len(data["per_example"]["hat"]["permute"]["0.2"]["cloze_ll"][0][0]) == 4
   assert data["examples"][0]["continuation_bytes"] == len(examples[0].continuation.encode())
   assert (tmp_path / "robustness.png").stat().st_size > 1000
+  # The JSON alone rebuilds the same report.
+  again = write_report(report_of(data), tmp_path / "again", {"examples": 4}).read_text()
+  assert again == text
   # Plain point figures (no per-example scores) still make a report, without intervals.
   plain = {m: {k: {r: {"bpb": v["bpb"], "cloze_acc": v["cloze_acc"]} for r, v in by.items()}
                for k, by in res[m].items()} for m in res}

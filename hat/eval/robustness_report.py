@@ -110,7 +110,7 @@ def write_report(report: dict, out_dir: storage.PathLike, meta: dict,
       for m in models:
         r = results[m][kind][rate]
         cells += [_ci(r, "bpb", ".3f").rstrip("*"),
-                  _ci(r, "degradation", "+.1f", 100) if rate else "0",
+                  _ci(r, "degradation", "+.2f", 100) if rate else "0",
                   _ci(r, "cloze_acc", ".3f").rstrip("*")]
       lines.append(f"| {kind} | {rate:g} | " + " | ".join(cells) + " |")
   for label, by_kind in comps.items():
@@ -121,7 +121,7 @@ def write_report(report: dict, out_dir: storage.PathLike, meta: dict,
     for kind in kinds:
       for rate in rates:
         c = by_kind[kind][rate]
-        cells = [(_ci(c, "bpb", "+.3f"), "bpb"), (_ci(c, "degradation", "+.1f", 100),
+        cells = [(_ci(c, "bpb", "+.3f"), "bpb"), (_ci(c, "degradation", "+.2f", 100),
                                                    "degradation"),
                  (_ci(c, "cloze_acc", "+.3f"), "cloze_acc")]
         yes = {True: "yes", False: "no", None: "-"}
@@ -174,4 +174,13 @@ def load(path: storage.PathLike) -> dict:
   if data.get("format") != FORMAT:
     raise ValueError(f"{path} is not a {FORMAT} report (format={data.get('format')!r})")
   return data
+
+
+def report_of(data: dict) -> dict:
+  """`write_report`'s input back from a loaded robustness.json (rates as floats again)."""
+  def rates(tree):  # {name: {kind: {"0.1": v}}} -> {name: {kind: {0.1: v}}}
+    return {n: {k: {float(r): v for r, v in by.items()} for k, by in d.items()}
+            for n, d in tree.items()}
+  return {"results": rates(data["results"]), "comparisons": rates(data["comparisons"]),
+          "per_example": rates(data["per_example"])}
 
