@@ -44,10 +44,18 @@ def test_max_tokens_covers_the_average_window_with_headroom():
 
 
 def test_ratio_trend_and_best():
-  assert analysis.ratio_trend([1.2, 1.15, 1.1]) == "falls"
-  assert analysis.ratio_trend([1.1, 1.2]) == "rises"
-  assert analysis.ratio_trend([1.1, 1.102]) == "flat"
+  assert analysis.ratio_trend([1.2, 1.15, 1.1]) == "falls with compute"
+  assert analysis.ratio_trend([1.1, 1.2]) == "rises with compute"
+  assert analysis.ratio_trend([1.1, 1.102]) == "stays flat"
+  assert analysis.ratio_trend([1.257, 1.110, 1.161]) == "falls overall, not monotonically"
   assert analysis.best({"a": {"bpb": 2.0}, "b": {"bpb": 1.5}}) == "b"
+
+
+def test_a_costlier_variant_is_not_carried():
+  variants = {"base": (3.0, 100.0), "cheap": (2.9, 105.0), "costly": (2.5, 130.0)}
+  assert analysis.carried_variant(variants, "base", 1.1) == "cheap"
+  assert analysis.carried_variant(variants, "base", 1.5) == "costly"
+  assert analysis.carried_variant({"base": (3.0, 1.0), "x": (3.1, 1.0)}, "base", 1.1) == "base"
 
 
 def test_presets_are_consistent():

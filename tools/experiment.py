@@ -39,7 +39,7 @@ from study import report  # noqa: E402
 from study.presets import PRESETS  # noqa: E402
 from study.runner import Runner  # noqa: E402
 from study.setup import prepare  # noqa: E402
-from study.stages import Study  # noqa: E402
+from study.stages import VARIANT_FLOPS_CAP, Study  # noqa: E402
 
 
 def _ladder_rows(ladder: dict, window_bytes: int, batch: int) -> list[dict]:
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
       "en": args.en, "de": args.de, "window_bytes": window, "batch_size": batch,
       "vocabs": list(preset.vocabs), "setup": setup.to_json(),
       "ladder": _ladder_rows(ladder, window, batch), "sweep": _sweep_rows(sweep),
-      "cpt": cpt, "matched": matched,
+      "cpt": cpt, "matched": matched, "variant_flops_cap": VARIANT_FLOPS_CAP,
       "robustness": {n: _read_json(out / "robustness" / n / "robustness.json")
                      for n in ("final", "matched", "old_protocol")},
       "decomposition": _read_json(out / "decompose" / "decompose.json"),

@@ -63,11 +63,25 @@ def nearest_checkpoint(curve: dict[int, float], target: float) -> int:
   return min(sorted(curve), key=lambda s: abs(curve[s] - target))
 
 
-def ratio_trend(ratios: Sequence[float]) -> str:
-  """'falls', 'rises' or 'flat' for a sequence of HAT/BPE ratios over growing budgets."""
-  if len(ratios) < 2:
-    return "flat"
-  change = ratios[-1] - ratios[0]
-  if abs(change) < 0.005:
-    return "flat"
-  return "falls" if change < 0 else "rises"
+def ratio_trend(ratios: Sequence[float], tol: float = 0.005) -> str:
+  """How a sequence of HAT/BPE ratios over growing budgets moves, in words."""
+  if len(ratios) < 2 or abs(ratios[-1] - ratios[0]) < tol:
+    return "stays flat"
+  steps = [b - a for a, b in zip(ratios, ratios[1:])]
+  falls = ratios[-1] < ratios[0]
+  if all((d < 0) == falls or abs(d) < tol for d in steps):
+    return "falls with compute" if falls else "rises with compute"
+  return ("falls overall, not monotonically" if falls
+          else "rises overall, not monotonically")
+
+
+def carried_variant(variants: dict[str, tuple[float, float]], base: str,
+                    flops_cap: float) -> str:
+  """The variant to carry up the ladder: {name: (bpb, flops per step)} -> name.
+
+  The lowest bpb among the base and the variants that cost at most `flops_cap` times the
+  base's FLOPs per step: a better but costlier variant would break the compute matching.
+  """
+  limit = variants[base][1] * flops_cap
+  allowed = {n: v for n, v in variants.items() if n == base or v[1] <= limit}
+  return min(allowed, key=lambda n: allowed[n][0])

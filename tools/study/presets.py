@@ -57,8 +57,8 @@ _TINY = {"data.window_bytes": 512, "data.batch_size": 8}
 PRESETS = {
     "cpu": Preset(
         name="cpu", budgets=(200, 400, 800), lrs=(1e-3, 2e-3, 4e-3), vocabs=(4096, 1024),
-        knobs=tuple(KNOBS), cpt_steps=400, replay=0.1, rob_examples=200, rob_seeds=2,
-        rob_rates="0,0.1,0.2",
+        knobs=tuple(KNOBS), cpt_steps=300, replay=0.1, rob_examples=150, rob_seeds=2,
+        rob_rates="0,0.1",
         final_eval_batches=64, curve_batches=8, curve_points=5, bpe_checkpoints=8,
         decompose_bytes=200_000, tokenizer_bytes=20_000_000, common=_TINY),
     "quick": Preset(

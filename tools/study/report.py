@@ -78,9 +78,9 @@ def _fmt_flops(x) -> str:
   return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
 
 
-def _section(path: pathlib.Path, out: pathlib.Path) -> list[str]:
-  """A markdown file of another tool inlined: first heading dropped, sub-headings demoted,
-  image links made relative to `out`."""
+def _section(path: pathlib.Path, out: pathlib.Path, demote: int = 1) -> list[str]:
+  """A markdown file of another tool inlined: first heading dropped, sub-headings demoted
+  by `demote` levels, image links made relative to `out`."""
   if not path.exists():
     return [f"({path.relative_to(out)} missing)"]
   lines = path.read_text().splitlines()
@@ -90,7 +90,7 @@ def _section(path: pathlib.Path, out: pathlib.Path) -> list[str]:
   fixed = []
   for line in lines:
     if line.startswith("#"):
-      line = "###" + line
+      line = "#" * demote + line
     if "![" in line:
       line = line.replace("](", f"]({prefix}/")
     fixed.append(line)
@@ -99,7 +99,10 @@ def _section(path: pathlib.Path, out: pathlib.Path) -> list[str]:
 
 def write(out: pathlib.Path, results: dict, command: str) -> pathlib.Path:
   """Writes report.md (with figures) and results.json into `out`; returns report.md."""
-  (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+  slim = dict(results, robustness={
+      n: {k: v for k, v in r.items() if k not in ("per_example", "examples")}
+      for n, r in (results.get("robustness") or {}).items() if r})
+  (out / "results.json").write_text(json.dumps(slim, indent=2, default=str))
   ladder, sweep, cpt = results["ladder"], results["sweep"], results["cpt"]
   ladder_figure(ladder, sweep, out / "ladder.png")
   cpt_figure(cpt, out / "cpt_curves.png")
@@ -120,22 +123,36 @@ def write(out: pathlib.Path, results: dict, command: str) -> pathlib.Path:
           for v in s["bytes_per_token"]) + ".",
       f"- HAT backbone compute-matched to the {results['vocabs'][0]}-piece BPE model: "
       f"{s['matched']['model.backbone.num_layers']} x {s['matched']['model.backbone.d_model']}"
-      f" ({s['match_ratio']:.3f}x its analytic training FLOPs per byte).",
+      f" ({s['match_ratio']:.3f}x its analytic training FLOPs per byte); each HAT knob "
+      "gets its own re-matched backbone: " + ", ".join(
+          f"{k} {v['backbone']['model.backbone.num_layers']} x "
+          f"{v['backbone']['model.backbone.d_model']} ({v['ratio']:.3f}x)"
+          for k, v in s.get("matched_knobs", {}).items()) + ".",
       "- FLOPs are the analytic training FLOPs of the padded layouts (`hat.flops`), per "
       "step x steps; bpb is on the whole English validation split unless noted.", "",
+      *summary(results), "",
       "## 1. The compute ladder", "",
       "![ladder](ladder.png)", "",
       "| budget (steps) | bytes seen | HAT FLOPs | HAT en bpb | BPE FLOPs | BPE en bpb | "
-      "HAT / BPE |", "|---:|---:|---:|---:|---:|---:|---:|"]
+      "HAT / BPE bpb | HAT / BPE FLOPs | HAT / BPE de bpb |",
+      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for b in ladder:
     lines.append(f"| {b['steps']} | {b['bytes_seen']:,} | {b['hat']['flops']:.3g} | "
                  f"{b['hat']['en_bpb']:.4f} | {b['bpe']['flops']:.3g} | "
-                 f"{b['bpe']['en_bpb']:.4f} | {b['ratio']:.3f} |")
-  lines += ["", f"The HAT/BPE ratio {analysis.ratio_trend(ratios)} with compute "
+                 f"{b['bpe']['en_bpb']:.4f} | {b['ratio']:.3f} | "
+                 f"{b['hat']['flops'] / b['bpe']['flops']:.3f} | {b['ratio_de']:.3f} |")
+  lines += ["", f"The HAT/BPE bpb ratio {analysis.ratio_trend(ratios)} "
             f"({' -> '.join(f'{r:.3f}' for r in ratios)}); at the largest budget it is "
-            f"{ratios[-1]:.3f} "
-            f"({'within' if ratios[-1] <= 1.05 else 'outside'} the 1.05 aimed for).", "",
-            "### Tuning at the smallest budget", ""]
+            f"{ratios[-1]:.3f}, {'within' if ratios[-1] <= 1.05 else 'outside'} the 1.05 "
+            "aimed for. Both families see the same bytes at each budget; the FLOPs column "
+            "shows how far apart their compute is (the x axis of the figure is FLOPs).", "",
+            "### Tuning at the smallest budget", "",
+            "Each family's learning rates are swept (one more when the best is at an edge); "
+            "BPE's other vocabulary and each HAT knob get one run at the family's best rate, "
+            "the knob's HAT with its backbone re-matched to the BPE FLOPs per byte. "
+            "A variant is carried up the ladder when it beats the base setting and costs at "
+            f"most {results['variant_flops_cap']:.2f}x its FLOPs per step, so the ladder "
+            "stays compute-matched.", ""]
   for family in ("hat", "bpe"):
     sw = sweep[family]
     lines += [f"**{family.upper()}** learning rates (best {sw['best_lr']:g}) and variants "
@@ -159,7 +176,8 @@ def write(out: pathlib.Path, results: dict, command: str) -> pathlib.Path:
   for name, title in (("final", "Fair protocol, final models"),
                       ("matched", "Fair protocol, matched clean quality"),
                       ("old_protocol", "Old protocol (word-start cut), final models")):
-    lines += [f"### {title}", ""] + _section(out / "robustness" / name / "robustness.md", out) + [""]
+    lines += [f"### {title}", ""]
+    lines += _section(out / "robustness" / name / "robustness.md", out, demote=2) + [""]
   lines += ["## 4. Continued pretraining on German", "",
             "![continued pretraining](cpt_curves.png)", "",
             "| model | en bpb before | en bpb after | de bpb before | de bpb after | "
@@ -180,6 +198,55 @@ def write(out: pathlib.Path, results: dict, command: str) -> pathlib.Path:
   path = out / "report.md"
   path.write_text("\n".join(lines) + "\n")
   return path
+
+
+def summary(results: dict) -> list[str]:
+  """The headline findings, computed from the results (no hand-written numbers)."""
+  ladder, cpt = results["ladder"], results["cpt"]
+  ratios = [b["ratio"] for b in ladder]
+  lines = ["## Summary", "",
+           f"- **Ladder** ({ladder[0]['steps']} to {ladder[-1]['steps']} steps, "
+           f"{ladder[-1]['hat']['flops'] / ladder[0]['hat']['flops']:.1f}x the FLOPs): HAT / "
+           f"BPE English bpb {' -> '.join(f'{r:.3f}' for r in ratios)} "
+           f"({analysis.ratio_trend(ratios)})."]
+  dec = results.get("decomposition")
+  if dec:
+    top = max(dec["groups"]["frequency"], key=lambda g: g["gap_share"])
+    ln = max(dec["groups"]["length"], key=lambda g: g["gap_share"] - g["byte_share"])
+    names = list(dec["totals"])
+    shares = dec["parts"][names[0]]["shares"]
+    lines.append(
+        f"- **Where the gap sits**: the `{top['bucket']}` frequency bucket holds "
+        f"{top['gap_share']:.0%} of the gap for {top['byte_share']:.0%} of the bytes "
+        f"(ratio {top['ratio']:.3f}); the words of `{ln['bucket']}` bytes hold "
+        f"{ln['gap_share']:.0%} of it for {ln['byte_share']:.0%} of the bytes. "
+        f"{names[0]} pays {shares['first']:.0%} of its NLL at a word's first byte, "
+        f"{shares['later']:.0%} at later bytes and {shares['word_end']:.1%} at `[W]`.")
+  for name, label in (("final", "final models"), ("matched", "matched clean quality")):
+    rob = (results.get("robustness") or {}).get(name)
+    if not rob:
+      continue
+    comp = next(iter(rob["comparisons"].values()))
+    cells = []
+    for kind, by_rate in comp.items():
+      rate = max(by_rate, key=float)
+      c = by_rate[rate]
+      lo, hi = c["degradation_ci95"]
+      cells.append(f"{kind} {100 * c['degradation']:+.2f} pp [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+                   f"{'' if c['degradation_excludes_zero'] else ' (n.s.)'}")
+    lines.append(f"- **Robustness, {label}** (HAT minus BPE degradation of continuation "
+                 f"bpb at {float(rate):.0%} perturbed characters, 95% bootstrap interval; "
+                 "negative = HAT degrades less): " + "; ".join(cells) + ".")
+  reach = {f: cpt[f]["flops_to_bpe_final_de"] for f in ("hat", "bpe")}
+  lines.append(
+      "- **Continued pretraining on German**: HAT " + (
+          f"reaches BPE's final German bpb at {reach['hat'] / reach['bpe']:.2f}x BPE's FLOPs"
+          if reach["hat"] else "does not reach BPE's final German bpb") +
+      f"; English bpb {cpt['hat']['before']['en_val']['bpb']:.3f} -> "
+      f"{cpt['hat']['after']['en_val']['bpb']:.3f} (HAT) and "
+      f"{cpt['bpe']['before']['en_val']['bpb']:.3f} -> "
+      f"{cpt['bpe']['after']['en_val']['bpb']:.3f} (BPE).")
+  return lines
 
 
 def machine() -> dict:

@@ -42,6 +42,9 @@ class Setup:
   bytes_per_token_de: dict[int, float]
   matched: dict  # HAT backbone overrides
   match_ratio: float  # HAT / BPE analytic training FLOPs per byte
+  # Per HAT knob: the backbone re-matched with that knob's byte stacks / splitter, and
+  # its FLOPs ratio, so that every variant is compared at the base's compute.
+  matched_knobs: dict = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -53,8 +56,13 @@ def prepare(runner: Runner, preset: Preset, en: str, de: str) -> Setup:
   if cache.exists():
     d = json.loads(cache.read_text())
     d = {k: ({int(a) if a.isdigit() else a: b for a, b in v.items()}
-             if isinstance(v, dict) and k != "matched" else v) for k, v in d.items()}
-    return Setup(**d)
+             if isinstance(v, dict) and k not in ("matched", "matched_knobs") else v)
+         for k, v in d.items()}
+    setup = Setup(**d)
+    if set(preset.knobs) - set(setup.matched_knobs):
+      _match_knobs(setup, preset)
+      cache.write_text(json.dumps(setup.to_json(), indent=2))
+    return setup
   toks = {}
   for vocab in preset.vocabs:
     path = runner.out / f"bpe{vocab}.model"
@@ -74,21 +82,35 @@ def prepare(runner: Runner, preset: Preset, en: str, de: str) -> Setup:
     bpt[vocab] = len(sample_en) / len(tok.encode(sample_en))
     bpt_de[vocab] = len(sample_de) / len(tok.encode(sample_de))
   setup = Setup(toks, bpw, bpt, bpt_de, {}, 0.0)
-  bpe_cfg = config_lib.resolve(BPE_CONFIG, overrides(bpe_overrides(preset, setup,
-                                                                    preset.vocabs[0])))
-  hat_cfg = config_lib.resolve(HAT_CONFIG, overrides({**preset.common, **preset.hat}))
-  m = flops.match_hat_to_bpe(bpe_cfg, bpw["whitespace"], bpt[preset.vocabs[0]], hat_cfg,
-                             vocab_size=_vocab(toks[preset.vocabs[0]]),
+  setup.matched, setup.match_ratio = _match(setup, preset, {})
+  _match_knobs(setup, preset)
+  cache.write_text(json.dumps(setup.to_json(), indent=2))
+  return setup
+
+
+def _match(setup: Setup, preset: Preset, knob_over: dict) -> tuple[dict, float]:
+  """HAT backbone overrides with the BPE model's FLOPs per byte, and the ratio achieved."""
+  vocab = preset.vocabs[0]
+  bpe_cfg = config_lib.resolve(BPE_CONFIG, overrides(bpe_overrides(preset, setup, vocab)))
+  hat_cfg = config_lib.resolve(HAT_CONFIG, overrides({**preset.common, **preset.hat,
+                                                      **knob_over}))
+  m = flops.match_hat_to_bpe(bpe_cfg, setup.bytes_per_word[hat_cfg.data.splitter],
+                             setup.bytes_per_token[vocab], hat_cfg,
+                             vocab_size=_vocab(setup.tokenizers[vocab]),
                              layers=range(*preset.match_layers),
                              head_dim=preset.match_head_dim, aspect=preset.match_aspect,
                              tolerance=0.1)
   bb = m.backbone
-  setup.matched = {f"model.backbone.{k}": getattr(bb, k) for k in
-                   ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
-                    "mlp_dim")}
-  setup.match_ratio = m.ratio
-  cache.write_text(json.dumps(setup.to_json(), indent=2))
-  return setup
+  return ({f"model.backbone.{k}": getattr(bb, k) for k in
+           ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")},
+          m.ratio)
+
+
+def _match_knobs(setup: Setup, preset: Preset) -> None:
+  """Re-matches the backbone for each knob (a bigger byte stack gets a smaller backbone)."""
+  for knob in preset.knobs:
+    over, ratio = _match(setup, preset, KNOBS[knob])
+    setup.matched_knobs[knob] = {"backbone": over, "ratio": ratio}
 
 
 def _vocab(tokenizer_path: str) -> int:
@@ -104,8 +126,12 @@ def bpe_overrides(preset: Preset, setup: Setup, vocab: int) -> dict:
 
 
 def hat_overrides(preset: Preset, setup: Setup, knob: str | None = None) -> dict:
-  """The compute-matched HAT of this preset, with one knob from KNOBS or none."""
-  return {**preset.common, **preset.hat, **setup.matched, **(KNOBS[knob] if knob else {})}
+  """The compute-matched HAT of this preset, with one knob from KNOBS (its backbone
+  re-matched to the BPE model's FLOPs per byte) or none."""
+  if knob is None:
+    return {**preset.common, **preset.hat, **setup.matched}
+  return {**preset.common, **preset.hat, **setup.matched_knobs[knob]["backbone"],
+          **KNOBS[knob]}
 
 
 def schedule(preset: Preset, steps: int, checkpoints: int = 1) -> dict:
