@@ -39,6 +39,7 @@ from hat.generate import rules
 from hat.generate.device import (DECODING, DONE, FULL, WAITING, DeviceSampler, embed,
                                  project, reset_length, where_rows)
 from hat.generate.sampling import sample_on_device, split_keys
+from hat.generate.word_encoder import encode_bucketed, encode_units
 from hat.models import gates
 from hat.text.codec import PAD_ID, S_ID, W_ID
 from hat.text.splitter import Splitter
@@ -47,18 +48,6 @@ from hat.text.splitter import Splitter
 def dec_table(model) -> jax.Array:
   """The decoder's byte embedding table (the encoder's when tied)."""
   return (model.enc_embed if model.cfg.tie_byte_embeddings else model.dec_embed)[...]
-
-
-def encode_units(model, ids_NxL: jax.Array, num_bytes_N: jax.Array) -> jax.Array:
-  """Encoder over single units `[marker] b_1..b_n` (padded to L) -> words_NxD."""
-  cd = model.compute_dtype
-  length = ids_NxL.shape[1]
-  pos_NxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], ids_NxL.shape)
-  # Segment 1 for the unit, 0 for padding: the same-unit mask of the packed layout.
-  segment_NxL = (pos_NxL <= num_bytes_N[:, None]).astype(jnp.int32)
-  h_NxLxd = model.encoder(embed(model.enc_embed[...], ids_NxL, cd), segment_BxL=segment_NxL,
-                          pos_BxL=pos_NxL)
-  return project(h_NxLxd[:, :1], model.w_enc[...], cd)[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +105,18 @@ class DeleteGatedBackbone:
     deleted_B = caches["deleted_B"].at[rows_N].add(jnp.sum(gone_NxT, 1, dtype=jnp.int32))
     p = project(h, model.w_dec[...], model.compute_dtype)
     return p, {"lower": lower, "upper": upper, "deleted_B": deleted_B}
+
+
+def first_rows(select_B: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
+  """The first `num` selected rows in order -> (rows_K, valid_K); padding points at 0.
+
+  Row j is the number of rows whose running count of selected rows is <= j: a compare
+  and a sum, where an argsort (`gates.compact_indices`) costs more than the step.
+  """
+  count_B = jnp.cumsum(select_B.astype(jnp.int32))
+  rows_K = jnp.sum(count_B[None, :] <= jnp.arange(num)[:, None], axis=1, dtype=jnp.int32)
+  valid_K = jnp.arange(num) < count_B[-1]
+  return jnp.where(valid_K, rows_K, 0), valid_K
 
 
 def backbone_for(model, cfg, capacity: int):
@@ -217,10 +218,9 @@ class HATSampler(DeviceSampler):
     waiting_B = status_B == WAITING
     full_B = waiting_B & (units_B >= self.max_units)
     num = min(batch, max(1, math.ceil(self.word_rows * batch)))
-    rows_1xK, valid_1xK, _ = gates.compact_indices((waiting_B & ~full_B)[None], num)
-    rows_K, valid_K = rows_1xK[0], valid_1xK[0]
-    words_KxD = self._encode_bucketed(model, st["word_BxL"][rows_K],
-                                      jnp.where(valid_K, st["nbytes_B"][rows_K], 0))
+    rows_K, valid_K = first_rows(waiting_B & ~full_B, num)
+    words_KxD = encode_bucketed(model, st["word_BxL"][rows_K],
+                                jnp.where(valid_K, st["nbytes_B"][rows_K], 0))
     p_Kx1xd, bb = self.backbone.run(model, words_KxD[:, None], units_B[rows_K][:, None],
                                     st["bb"], valid_K[:, None], rows_K)
     dst_K = jnp.where(valid_K, rows_K, batch)  # out of range: no write
@@ -236,19 +236,6 @@ class HATSampler(DeviceSampler):
             "dec": dict(dec, length_B=dec["length_B"].at[dst_K].set(0, mode="drop")),
             "status_B": jnp.where(full_B, FULL,
                                   status_B.at[dst_K].set(DECODING, mode="drop"))}
-
-  def _encode_bucketed(self, model, ids_KxL, nbytes_K):
-    """`encode_units` over the fewest slots that hold the longest of the words.
-
-    Padding slots are masked out of the encoder's attention, so the result does not
-    depend on the padded length; most words are short, and the encoder is the costliest
-    part of a word step when run over all `max_word_bytes + 1` slots.
-    """
-    buckets = sorted({min(b, self.slots) for b in (8, 16, self.slots)})
-    need = jnp.max(nbytes_K) + 1
-    index = jnp.sum(jnp.array(buckets[:-1]) < need)
-    branches = [lambda ids, nb, b=b: encode_units(model, ids[:, :b], nb) for b in buckets]
-    return jax.lax.switch(index, branches, ids_KxL, nbytes_K)
 
   # Host side.
 
