@@ -21,7 +21,8 @@ and whose last token covers the end of `x`: for BPE a prefix of a canonical enco
 canonical (no merge crosses a final token boundary, and merges left of it happen in the
 same order without the right part), so every valid cover has this form.
 Non-canonical sequences (`[' ', 'the']`) are left out, as in Phan et al.: the model
-never saw them, and an untrained model's mass on them would only add noise.
+never saw them (a trained model gives them next to no mass; an untrained one would only
+add noise through them).
 
 **Relation to the lm-evaluation-harness path** (`encode(context) + encode(continuation)`):
 at a cut before a space (`a` ends a word, `b` starts with the space) that path gives
@@ -36,6 +37,7 @@ only where a valid `t` exists; one to a few in practice), scored by the caller i
 fixed-size batches, the inner sum a logsumexp over the row's last distribution. A space
 after a non-space is a hard boundary of this tokenizer (no piece holds one), so validity
 is checked on the last word alone and all rows share the canonical tokens before it.
+A request needing more than `max_rows` model rows is a one-line error, never a silent cut.
 """
 
 from __future__ import annotations
