@@ -6,8 +6,10 @@
     lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai"])
 
 Works for HAT, BPE and byte-level runs alike: log-likelihoods come from
-`hat.eval.loglik.Scorer` (exact for any context/continuation split), generation from
-`hat.generate`.
+`hat.eval.loglik.Scorer` (byte-exact at any context/continuation split for HAT and the
+byte LM; for BPE the lm-eval token convention, in distribution where the continuation
+starts with a space, or `exact=True` for the exact byte-level likelihood at any split),
+generation from `hat.generate`.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ class HarnessLM(LM):
   """`lm_eval` LM backed by a trained hat model."""
 
   def __init__(self, model, cfg, tokenizer=None, batch_size: int = 8,
-               max_gen_bytes: int = 256):
+               max_gen_bytes: int = 256, exact: bool = False):
     super().__init__()
     self.cfg = cfg
-    self.scorer = Scorer(model, cfg, tokenizer, batch_size=batch_size)
+    self.scorer = Scorer(model, cfg, tokenizer, batch_size=batch_size, exact=exact)
     self.sampler = make_sampler(model, cfg, tokenizer)
     self.max_gen_bytes = max_gen_bytes
 
