@@ -84,3 +84,47 @@ def test_every_preset_config_validates(name):
   over = {**p.common, **p.bpe, **sched, "data.max_tokens": analysis.max_tokens_for(
       int(p.common["data.window_bytes"]), 3.0)}
   config_lib.resolve(BPE_CONFIG, overrides(over))
+
+
+def _run_row(name, family, steps, bpb, de=5.0):
+  return {"name": name, "family": family, "steps": steps, "flops": steps * 1e9,
+          "flops_per_step": 1e9, "lr": 2e-3, "en_bpb": bpb, "en_bytes": 1000, "de_bpb": de,
+          "workdir": f"/runs/{name}"}
+
+
+def test_report_writes_figures_and_numbers_from_results(tmp_path):
+  """report.write on synthetic results: every figure and every number comes from them."""
+  from study import report
+
+  ladder = [{"steps": s, "bytes_seen": s * 4096, "hat": _run_row(f"h{s}", "hat", s, h),
+             "bpe": _run_row(f"b{s}", "bpe", s, b), "ratio": h / b, "ratio_de": 0.95}
+            for s, h, b in ((100, 3.3, 3.0), (200, 3.0, 2.8), (400, 2.8, 2.7))]
+  sweep = {f: {"best_lr": 2e-3, "best_variant": "base", "lrs_tried": {"0.002": 3.3},
+               "variants": {}, "runs": [ladder[0][f]]} for f in ("hat", "bpe")}
+  cpt = {f: {"flops_per_step": 1e9, "steps": 50, "flops_to_bpe_final_de": r,
+             "before": {"en_val": {"bpb": 2.8}, "de_val": {"bpb": 5.0}},
+             "after": {"en_val": {"bpb": 3.1}, "de_val": {"bpb": 2.9}},
+             "curve": {"en_val": {"0": 2.8, "50": 3.1}, "de_val": {"0": 5.0, "50": 2.9}}}
+         for f, r in (("hat", 4e10), ("bpe", 5e10))}
+  cpt["target_de_bpb"] = 2.9
+  results = {
+      "preset": "quick", "machine": {"machine": "x", "cores": 2, "backend": "cpu",
+                                     "jax": "0", "finished": "now"},
+      "en": "en", "de": "de", "window_bytes": 512, "batch_size": 8, "vocabs": [4096],
+      "setup": {"bytes_per_word": {"whitespace": 5.7, "unicode": 4.9},
+                "bytes_per_token": {4096: 3.2}, "bytes_per_token_de": {4096: 2.0},
+                "matched": {"model.backbone.num_layers": 3, "model.backbone.d_model": 160},
+                "match_ratio": 1.0, "matched_knobs": {}},
+      "ladder": ladder, "sweep": sweep, "cpt": cpt, "variant_flops_cap": 1.1,
+      "matched": {"step": 100, "curve_bpb": 2.81, "hat_curve_bpb": 2.8,
+                  "final_eval": {"bpb": 2.79}},
+      "robustness": {}, "decomposition": None, "samples": {"hat_en": "The old man"}}
+  path = report.write(tmp_path, results, "python tools/experiment.py --out x")
+  text = path.read_text()
+  assert (tmp_path / "ladder.png").stat().st_size > 0
+  assert (tmp_path / "cpt_curves.png").stat().st_size > 0
+  assert "1.100 -> 1.071 -> 1.037 (falls with compute)" in text
+  assert "| 400 | 1,638,400 |" in text and "1.037" in text
+  assert "reaches BPE's final German bpb at 0.80x BPE's FLOPs" in text
+  import json
+  assert json.loads((tmp_path / "results.json").read_text())["ladder"][2]["steps"] == 400
