@@ -207,9 +207,16 @@ class HATSampler(DeviceSampler):
                          DONE, status_B)
     st = {**st, "dec": dec, "word_BxL": word_BxL, "nbytes_B": n_B + is_byte_B,
           "nout_B": nout_B, "status_B": status_B, "keys_BxK": keys_BxK}
-    st = jax.lax.cond(jnp.any(status_B == WAITING), lambda s: self._word_step(model, s),
-                      lambda s: s, st)
+    waiting = jnp.sum(status_B == WAITING)
+    # A word step has a fixed cost (weights, launches) that its rows share: wait until a
+    # full sub-batch of finished words, or until no row is left decoding.
+    run = (waiting >= self._word_batch(batch)) | ((waiting > 0) & ~jnp.any(status_B == DECODING))
+    st = jax.lax.cond(run, lambda s: self._word_step(model, s), lambda s: s, st)
     return st, sym_B, decoding_B
+
+  def _word_batch(self, batch: int) -> int:
+    """Rows per word step: `word_rows` of the batch, at least 1."""
+    return min(batch, max(1, math.ceil(self.word_rows * batch)))
 
   def _word_step(self, model, st):
     """Encodes up to `word_rows` finished words and advances their rows' backbone."""
@@ -217,7 +224,7 @@ class HATSampler(DeviceSampler):
     batch = status_B.shape[0]
     waiting_B = status_B == WAITING
     full_B = waiting_B & (units_B >= self.max_units)
-    num = min(batch, max(1, math.ceil(self.word_rows * batch)))
+    num = self._word_batch(batch)
     rows_K, valid_K = first_rows(waiting_B & ~full_B, num)
     words_KxD = encode_bucketed(model, st["word_BxL"][rows_K],
                                 jnp.where(valid_K, st["nbytes_B"][rows_K], 0))

@@ -454,6 +454,7 @@ class TransformerStack(nnx.Module):
     num, num_new = x_NxTxD.shape[:2]
     if keep_NxT is None:
       keep_NxT = jnp.ones((num, num_new), jnp.bool_)
+    all_rows = rows_N is None and num == cache["k"].shape[1]
     if rows_N is None:
       rows_N = jnp.arange(num)
     length_N = cache["length_B"][rows_N]
@@ -464,7 +465,7 @@ class TransformerStack(nnx.Module):
       def body(carry, layer_state):
         x, k_all, v_all, layer = carry
         x, k_all, v_all = block_extend(nnx.merge(graphdef, layer_state), layer, x, pos_NxT,
-                                       k_all, v_all, rows_N, length_N, keep_NxT)
+                                       k_all, v_all, rows_N, length_N, keep_NxT, all_rows)
         return (x, k_all, v_all, layer + 1), None
 
       (x_NxTxD, k_all, v_all, _), _ = jax.lax.scan(
@@ -472,7 +473,7 @@ class TransformerStack(nnx.Module):
     else:
       for layer, block in enumerate(self.blocks):
         x_NxTxD, k_all, v_all = block_extend(block, layer, x_NxTxD, pos_NxT, k_all, v_all,
-                                             rows_N, length_N, keep_NxT)
+                                             rows_N, length_N, keep_NxT, all_rows)
     added_N = jnp.sum(keep_NxT, axis=1, dtype=jnp.int32)
     capacity = k_all.shape[3]
     length_B = cache["length_B"].at[rows_N].add(added_N)
@@ -504,8 +505,12 @@ def cache_slots(length_N: jax.Array, keep_NxT: jax.Array,
 
 def block_extend(block: Block, layer, x_NxTxD: jax.Array, pos_NxT: jax.Array,
                  k_all: jax.Array, v_all: jax.Array, rows_N: jax.Array, length_N: jax.Array,
-                 keep_NxT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One block over new positions with the stacked (L, B, G, M, K) cache, written in place."""
+                 keep_NxT: jax.Array, all_rows: bool = False
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One block over new positions with the stacked (L, B, G, M, K) cache, written in place.
+
+  `all_rows`: rows_N is every cache row in order (N = B).
+  """
   attn = block.attn
   cd = attn.compute_dtype
   q_NxTxHxK, k_NxTxGxK, v_NxTxGxK = attn.qkv(block.attn_norm(x_NxTxD), pos_NxT)
@@ -516,8 +521,11 @@ def block_extend(block: Block, layer, x_NxTxD: jax.Array, pos_NxT: jax.Array,
                                                      mode="drop")
   v_all = v_all.at[layer, row_NxT, :, index_NxT].set(v_NxTxGxK.astype(v_all.dtype),
                                                      mode="drop")
-  k_NxGxMxK = jnp.take(k_all[layer], rows_N, axis=0).astype(cd)
-  v_NxGxMxK = jnp.take(v_all[layer], rows_N, axis=0).astype(cd)
+  if all_rows:  # every cache row in order: read the layer as is, no gather copy
+    k_NxGxMxK, v_NxGxMxK = k_all[layer].astype(cd), v_all[layer].astype(cd)
+  else:
+    k_NxGxMxK = jnp.take(k_all[layer], rows_N, axis=0).astype(cd)
+    v_NxGxMxK = jnp.take(v_all[layer], rows_N, axis=0).astype(cd)
   att_NxTxHxK = attend(q_NxTxHxK, k_NxGxMxK, v_NxGxMxK, visible_NxTxM,
                        self_kv=(k_NxTxGxK, v_NxTxGxK))
   x_NxTxD = x_NxTxD + attn.out(att_NxTxHxK)
