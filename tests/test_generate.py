@@ -130,3 +130,65 @@ def test_backbone_cache_overflow_is_explicit(hat_model):
   tok_model = build_model(tok_cfg.model, vocab_size=259, rngs=rngs(3))
   with pytest.raises(CapacityError, match="16 positions"):
     TokenSampler(tok_model, tok_cfg, ByteTokenizer(), overflow="error").generate(b"ab", opts)
+
+
+def test_sort_free_thresholds_equal_sorting():
+  from hat.generate.sampling import _kth_largest_key, _nucleus_threshold, _order_key
+  rng = np.random.default_rng(0)
+  z_BxV = rng.normal(size=(6, 40)).astype(np.float32)
+  z_BxV[:, :3] = -np.inf  # banned symbols
+  z_BxV[1, 5:9] = z_BxV[1, 10]  # ties
+  z_BxV[2, 4] = -0.0
+  z_BxV[2, 5] = 0.0
+  desc_BxV = -np.sort(-z_BxV, axis=1)
+  for k in (1, 2, 5, 37, 40):
+    got = np.asarray(_kth_largest_key(_order_key(jnp.asarray(z_BxV)), jnp.int32(k)))
+    assert (got == np.asarray(_order_key(jnp.asarray(desc_BxV[:, k - 1])))).all(), k
+  probs_BxV = np.asarray(jax.nn.softmax(jnp.asarray(z_BxV), axis=-1))
+  bits_BxV = jax.lax.bitcast_convert_type(jnp.asarray(probs_BxV), jnp.uint32)
+  for top_p in (0.05, 0.3, 0.7, 0.95):
+    thr_B = np.asarray(_nucleus_threshold(jnp.asarray(probs_BxV), bits_BxV, jnp.float32(top_p)))
+    for b in range(len(probs_BxV)):  # `pick`'s rule, in float64
+      p = np.sort(probs_BxV[b].astype(np.float64))[::-1]
+      keep = np.cumsum(p) - p < top_p
+      want = np.float32(p[keep].min()).view(np.uint32)
+      assert thr_B[b] == want, (top_p, b)
+
+
+def test_sample_on_device_follows_the_distribution():
+  probs = np.array([0.5, 0.0, 0.3, 0.15, 0.05])
+  logits_BxV = jnp.log(jnp.asarray(np.tile(probs, (4000, 1)), jnp.float32))
+  keys = jax.random.key_data(jax.random.split(jax.random.key(1), 4000))
+  out = np.asarray(sample_on_device(logits_BxV, keys, jnp.float32(1.0), jnp.int32(0),
+                                    jnp.float32(1.0)))
+  freq = np.bincount(out, minlength=5) / len(out)
+  assert freq[1] == 0 and np.abs(freq - probs).max() < 0.03, freq
+
+
+def test_first_rows_and_marker_encoder_equal_the_full_ones():
+  from hat.generate.device import embed, project
+  from hat.generate.hat_sampler import first_rows
+  from hat.generate.word_encoder import encode_units
+  rows_K, valid_K = first_rows(jnp.array([0, 1, 1, 0, 1, 1, 1], bool), 4)
+  assert rows_K.tolist() == [1, 2, 4, 5] and valid_K.all()
+  rows_K, valid_K = first_rows(jnp.array([0, 1, 0], bool), 2)
+  assert rows_K.tolist() == [1, 0] and valid_K.tolist() == [True, False]
+  base = tiny_model_config("hat")
+  for layers, scan in ((1, False), (3, True)):
+    mcfg = dataclasses.replace(base, scan_layers=scan, encoder=dataclasses.replace(
+        base.encoder, num_layers=layers))
+    model = build_model(mcfg, vocab_size=259, rngs=rngs(4), row_len=16)
+    ids_NxL = jax.random.randint(jax.random.key(0), (5, 9), 0, 256).at[:, 0].set(W_ID)
+    nb_N = jnp.array([0, 1, 4, 8, 3])
+    pos_NxL = jnp.broadcast_to(jnp.arange(9)[None], ids_NxL.shape)
+    h_NxLxd = model.encoder(embed(model.enc_embed[...], ids_NxL, model.compute_dtype),
+                            segment_BxL=(pos_NxL <= nb_N[:, None]).astype(jnp.int32),
+                            pos_BxL=pos_NxL)
+    full_NxD = project(h_NxLxd[:, :1], model.w_enc[...], model.compute_dtype)[:, 0]
+    np.testing.assert_allclose(encode_units(model, ids_NxL, nb_N), full_NxD, atol=1e-5)
+
+
+def test_token_head_wider_than_tokenizer_never_samples_past_it():
+  from hat.generate import rules
+  banned_1xV = rules.token_banned(ByteTokenizer(), 300, np)
+  assert banned_1xV[0, 259:].all() and not banned_1xV[0, :256].any()

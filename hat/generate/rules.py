@@ -6,7 +6,8 @@ Byte-hierarchy (word) models spell a word byte by byte and end it with `[W]`:
 - `[W]` never ends an empty word (it would loop forever);
 - a word of `max_word_bytes` bytes must end: the splitter cuts words there.
 
-Token and byte-stream models: `[PAD]` and a BOS that is not also EOS are never sampled;
+Token and byte-stream models: `[PAD]`, a BOS that is not also EOS, and ids past the
+tokenizer's vocabulary are never sampled;
 in a byte stream `[W]` (which such models never see) is not sampled either.
 
 Each rule takes an array module (`numpy` for the reference samplers, `jax.numpy` inside
@@ -41,9 +42,13 @@ def token_banned_ids(tokenizer: Any) -> tuple[int, ...]:
 
 
 def token_banned(tokenizer: Any, vocab: int, xp: Any) -> Any:
-  """(1, V) bool mask of `token_banned_ids`."""
+  """(1, V) bool mask of `token_banned_ids`, and of ids past the tokenizer's vocabulary.
+
+  A head wider than the tokenizer (a config's padded vocabulary, e.g. 65,536 rows with a
+  smaller tokenizer) has rows no text decodes to: they are never sampled.
+  """
   sym_1xV = xp.arange(vocab)[None]
-  banned = sym_1xV < 0
+  banned = sym_1xV >= tokenizer.vocab_size
   for i in token_banned_ids(tokenizer):
     banned = banned | (sym_1xV == i)
   return banned
