@@ -47,6 +47,7 @@ def test_ratio_trend_and_best():
   assert analysis.ratio_trend([1.2, 1.15, 1.1]) == "falls with compute"
   assert analysis.ratio_trend([1.1, 1.2]) == "rises with compute"
   assert analysis.ratio_trend([1.1, 1.102]) == "stays flat"
+  assert analysis.ratio_trend([1.186, 1.198, 1.179]) == "stays flat"
   assert analysis.ratio_trend([1.257, 1.110, 1.161]) == "falls overall, not monotonically"
   assert analysis.best({"a": {"bpb": 2.0}, "b": {"bpb": 1.5}}) == "b"
 

@@ -63,8 +63,12 @@ def nearest_checkpoint(curve: dict[int, float], target: float) -> int:
   return min(sorted(curve), key=lambda s: abs(curve[s] - target))
 
 
-def ratio_trend(ratios: Sequence[float], tol: float = 0.005) -> str:
-  """How a sequence of HAT/BPE ratios over growing budgets moves, in words."""
+def ratio_trend(ratios: Sequence[float], tol: float = 0.01) -> str:
+  """How a sequence of HAT/BPE ratios over growing budgets moves, in words.
+
+  Changes under `tol` (about the spread of one run's bpb between seeds at this scale)
+  count as flat.
+  """
   if len(ratios) < 2 or abs(ratios[-1] - ratios[0]) < tol:
     return "stays flat"
   steps = [b - a for a, b in zip(ratios, ratios[1:])]

@@ -211,17 +211,23 @@ def summary(results: dict) -> list[str]:
            f"({analysis.ratio_trend(ratios)})."]
   dec = results.get("decomposition")
   if dec:
-    top = max(dec["groups"]["frequency"], key=lambda g: g["gap_share"])
-    ln = max(dec["groups"]["length"], key=lambda g: g["gap_share"] - g["byte_share"])
+    def worst(group):  # the bucket holding the most gap beyond its share of the bytes
+      rows = [g for g in dec["groups"][group] if g["byte_share"] >= 0.01]
+      return max(rows, key=lambda g: g["gap_share"] - g["byte_share"])
+    fr, ln = worst("frequency"), worst("length")
     names = list(dec["totals"])
-    shares = dec["parts"][names[0]]["shares"]
+    parts = {n: dec["parts"][n]["shares"] for n in names}
     lines.append(
-        f"- **Where the gap sits**: the `{top['bucket']}` frequency bucket holds "
-        f"{top['gap_share']:.0%} of the gap for {top['byte_share']:.0%} of the bytes "
-        f"(ratio {top['ratio']:.3f}); the words of `{ln['bucket']}` bytes hold "
-        f"{ln['gap_share']:.0%} of it for {ln['byte_share']:.0%} of the bytes. "
-        f"{names[0]} pays {shares['first']:.0%} of its NLL at a word's first byte, "
-        f"{shares['later']:.0%} at later bytes and {shares['word_end']:.1%} at `[W]`.")
+        f"- **Where the gap sits**: spread over every bucket (ratios "
+        f"{min(g['ratio'] for g in dec['groups']['frequency'] if g['byte_share'] >= 0.01):.2f}"
+        f"–{max(g['ratio'] for g in dec['groups']['frequency'] if g['byte_share'] >= 0.01):.2f}"
+        f" by frequency); most in excess of its bytes in `{fr['bucket']}` words "
+        f"({fr['gap_share']:.0%} of the gap for {fr['byte_share']:.0%} of the bytes, ratio "
+        f"{fr['ratio']:.3f}) and words of `{ln['bucket']}` bytes ({ln['gap_share']:.0%} for "
+        f"{ln['byte_share']:.0%}, ratio {ln['ratio']:.3f}). {names[0]} pays "
+        f"{parts[names[0]]['first']:.0%} of its NLL at a word's first byte, "
+        f"{parts[names[0]]['later']:.0%} at later bytes and {parts[names[0]]['word_end']:.1%} "
+        f"at `[W]` ({names[1]}: {parts[names[1]]['first']:.0%} at a word's first token).")
   for name, label in (("final", "final models"), ("matched", "matched clean quality")):
     rob = (results.get("robustness") or {}).get(name)
     if not rob:
