@@ -1,6 +1,6 @@
 """The small-scale HAT vs BPE study, end to end, with the project's own commands.
 
-    python tools/experiment.py --out runs/study                  # ~2 hours on a 2-core CPU
+    python tools/experiment.py --out runs/study                  # ~75 min on a 2-core CPU
     python tools/experiment.py --out runs/study_quick --preset quick   # a few minutes
     python tools/experiment.py --out runs/study_gpu --preset gpu       # ~8 min, one H100/H200
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="output directory for runs and the report")
   p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                 help="cpu: ~2 h on 2 cores; quick: minutes (smoke test); gpu: ~8 min "
+                 help="cpu: ~75 min on 2 cores; quick: minutes (smoke test); gpu: ~8 min "
                       "on one H100/H200")
   p.add_argument("--quick", action="store_true", help="same as --preset quick")
   p.add_argument("--en", default="../shared/data/corpus/en", help="English text (file/dir)")

@@ -1,6 +1,6 @@
 """Study presets: model sizes, training budgets, sweeps and evaluation sizes.
 
-A preset is data. `cpu` is sized to about two hours on a 2-core CPU, `quick` to a few
+A preset is data. `cpu` is sized to about 75 minutes on a 2-core CPU, `quick` to a few
 minutes (a smoke test of every stage), `gpu` to about eight minutes on one H100/H200
 (bf16, the fast attention path, the shared corpora for one to two epochs).
 """
