@@ -129,3 +129,16 @@ def test_report_writes_figures_and_numbers_from_results(tmp_path):
   assert "reaches BPE's final German bpb at 0.80x BPE's FLOPs" in text
   import json
   assert json.loads((tmp_path / "results.json").read_text())["ladder"][2]["steps"] == 400
+
+
+def test_a_finished_run_with_other_settings_is_not_reused(tmp_path, monkeypatch):
+  from study.runner import Runner
+
+  runner = Runner(tmp_path)
+  calls = []
+  monkeypatch.setattr(runner, "run", lambda cmd, log: calls.append(cmd) or "")
+  runner.train("r", "configs/tiny_hat.py", {"steps": 10, "optim.lr": 0.002})
+  runner.train("r", "configs/tiny_hat.py", {"steps": 10, "optim.lr": 0.002})
+  assert len(calls) == 1  # the second call finds it done
+  with pytest.raises(RuntimeError, match="other settings"):
+    runner.train("r", "configs/tiny_hat.py", {"steps": 10, "optim.lr": 0.004})

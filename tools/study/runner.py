@@ -56,12 +56,25 @@ class Runner:
     return proc.stdout
 
   def train(self, name: str, config_file: str, over: dict) -> pathlib.Path:
-    """Trains (or resumes) run `name`; returns its workdir. Skipped once done."""
+    """Trains (or resumes) run `name`; returns its workdir. Skipped once done.
+
+    The done marker holds the run's settings: a finished run of the same name with other
+    settings (a preset edited between two calls) is an error, never silently reused.
+    """
     workdir = self.out / "runs" / name
-    if not (workdir / "study_done").exists():
-      self.run([self.py, "-m", "hat.train", "--no-progress", "--config", config_file,
-                "--workdir", str(workdir)] + overrides(over), f"train_{name}")
-      (workdir / "study_done").write_text("ok\n")
+    marker = workdir / "study_done"
+    settings = json.dumps({"config": config_file, **{k: str(v) for k, v in over.items()}},
+                          sort_keys=True)
+    if marker.exists():
+      done = marker.read_text().strip()
+      if done != "ok" and done != settings:  # "ok": a marker without settings
+        raise RuntimeError(f"{workdir} was trained with other settings than this study "
+                           "asks for; use another --out or remove that run")
+      return workdir
+    self.run([self.py, "-m", "hat.train", "--no-progress", "--config", config_file,
+              "--workdir", str(workdir)] + overrides(over), f"train_{name}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(settings + "\n")
     return workdir
 
   def evaluate(self, workdir: pathlib.Path, sets: Sequence[str], max_batches: int | None,
