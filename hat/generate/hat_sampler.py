@@ -39,7 +39,7 @@ from hat.generate import rules
 from hat.generate.device import (DECODING, DONE, FULL, WAITING, DeviceSampler, embed,
                                  project, reset_length, where_rows)
 from hat.generate.sampling import sample_on_device, split_keys
-from hat.generate.word_encoder import encode_bucketed, encode_units
+from hat.generate.word_encoder import encode_bucketed, encode_units  # noqa: F401 (re-exported)
 from hat.models import gates
 from hat.text.codec import PAD_ID, S_ID, W_ID
 from hat.text.splitter import Splitter
@@ -157,11 +157,15 @@ class HATSampler(DeviceSampler):
             "units_B": jnp.zeros((batch,), jnp.int32)}
 
   def _prefill(self, model, st, rows_B, ids_BxUxL, nb_BxU, units_B, word_BxL, nbytes_B):
-    """Encoder + backbone over each refilled row's units, decoder over its partial word."""
+    """Encoder + backbone over each refilled row's units, decoder over its partial word.
+
+    Every unit of the cache capacity is encoded (static shapes), over the fewest slots
+    that hold the longest word of the batch.
+    """
     batch, units, slots = ids_BxUxL.shape
     cd = model.compute_dtype
-    words_BxUxD = encode_units(model, ids_BxUxL.reshape(batch * units, slots),
-                               nb_BxU.reshape(-1)).reshape(batch, units, -1)
+    words_BxUxD = encode_bucketed(model, ids_BxUxL.reshape(batch * units, slots),
+                                   nb_BxU.reshape(-1)).reshape(batch, units, -1)
     pos_BxU = jnp.broadcast_to(jnp.arange(units, dtype=jnp.int32)[None], (batch, units))
     keep_BxU = rows_B[:, None] & (pos_BxU < units_B[:, None])
     bb = self.backbone.reset(st["bb"], rows_B)
