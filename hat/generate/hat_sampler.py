@@ -6,11 +6,12 @@ previous unit, slots 1.. the word's bytes) until it emits `[W]`; the finished wo
 encoded (bidirectionally, over that word alone), the backbone advances one unit for that
 row (word-level KV cache) and the row starts its next word; `[S]` ends the row.
 
-Rows advance independently. Each tick runs one decoder step for every decoding row;
-rows that finished a word in it are encoded and stepped through the backbone together,
-as a fixed-size sub-batch (`word_rows`, the first waiting rows in order, so a row waits
-at most a few ticks), reading their caches and writing one new entry per layer in place.
-No row waits for the longest word of the batch.
+Rows advance independently. Each tick runs one decoder step for every decoding row.
+Rows that finished a word wait until a full sub-batch of them (`word_rows` of the batch;
+one row at batch 1) or no decoding row is left; then the first waiting rows in order are
+encoded and stepped through the backbone together, reading their caches and writing one
+new entry per layer in place. A word step's fixed cost is so shared by its rows, and no
+row waits for the longest word of the batch.
 
 The backbone behind the loop comes from the family: a plain causal stack, or the delete
 gate's lower stack + gate + upper stack, whose upper cache holds only the kept words
