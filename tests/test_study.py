@@ -142,3 +142,10 @@ def test_a_finished_run_with_other_settings_is_not_reused(tmp_path, monkeypatch)
   assert len(calls) == 1  # the second call finds it done
   with pytest.raises(RuntimeError, match="other settings"):
     runner.train("r", "configs/tiny_hat.py", {"steps": 10, "optim.lr": 0.004})
+
+
+def test_many_runs_tasks_in_order_with_several_jobs(tmp_path):
+  from study.runner import Runner
+
+  assert Runner(tmp_path, jobs=3).many([lambda i=i: i * i for i in range(5)]) == [0, 1, 4, 9, 16]
+  assert Runner(tmp_path, jobs=1).many([lambda: "a"]) == ["a"]

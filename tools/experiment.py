@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                  help="comma-separated pretraining steps of the ladder rungs, replacing the "
                       "preset's (e.g. 300,600,1200)")
   p.add_argument("--jobs", type=int, default=1,
-                 help="independent runs trained at once (default 1)")
+                 help="runs of the learning-rate sweep and of the knobs trained at once "
+                      "(default 1; more only helps with spare cores)")
   p.add_argument("--publish", default=None,
                  help="copy report.md, results.json, figures and stage reports here")
   args = p.parse_args(argv)

@@ -84,7 +84,8 @@ class Study:
     out = {}
     for family, base in (("hat", hat_overrides(self.p, self.s)),
                          ("bpe", bpe_overrides(self.p, self.s, self.p.vocabs[0]))):
-      runs = {lr: self._lr_run(family, base, lr, steps) for lr in self.p.lrs}
+      runs = dict(zip(self.p.lrs, self.r.many(
+          [lambda lr=lr: self._lr_run(family, base, lr, steps) for lr in self.p.lrs])))
       tried = {lr: t.en_bpb for lr, t in runs.items()}
       extra = analysis.next_lr(tried)
       if extra is not None:
@@ -99,10 +100,13 @@ class Study:
       variants["bpe"][f"vocab_{vocab}"] = self._train(
           f"bpe_s{steps}_lr{self._lr_name(lr_b)}_v{vocab}", "bpe", over, steps)
     lr_h = out["hat"]["best_lr"]
-    for knob in self.p.knobs:
+
+    def knob_run(knob: str) -> Trained:
       over = {**hat_overrides(self.p, self.s, knob), "optim.lr": lr_h}
-      variants["hat"][knob] = self._train(f"hat_s{steps}_lr{self._lr_name(lr_h)}_{knob}",
-                                          "hat", over, steps)
+      return self._train(f"hat_s{steps}_lr{self._lr_name(lr_h)}_{knob}", "hat", over, steps)
+
+    variants["hat"].update(zip(self.p.knobs, self.r.many(
+        [lambda k=k: knob_run(k) for k in self.p.knobs])))
     for family, base in (("hat", "base"), ("bpe", f"vocab_{self.p.vocabs[0]}")):
       out[family]["variants"] = variants[family]
       out[family]["best_variant"] = analysis.carried_variant(
