@@ -69,15 +69,27 @@ def _read_json(path: pathlib.Path):
   return json.loads(path.read_text()) if path.exists() else None
 
 
-def _publish(out: pathlib.Path, dest: pathlib.Path) -> None:
-  """Copies the report, results and the stage reports (no checkpoints) into `dest`."""
+def _publish(out: pathlib.Path, dest: pathlib.Path, out_arg: str) -> None:
+  """Copies the report, results and the stage reports (no checkpoints) into `dest`.
+
+  The study's own folder is machine-specific: in the published text files it reads
+  `<out>` (the --out given), so the copy holds no absolute paths of this machine.
+  """
   dest.mkdir(parents=True, exist_ok=True)
-  for name in ("report.md", "results.json", "ladder.png", "cpt_curves.png"):
-    shutil.copy2(out / name, dest / name)
+  files = [pathlib.Path(n) for n in ("report.md", "results.json", "ladder.png",
+                                     "cpt_curves.png")]
   for sub in ("robustness", "decompose"):
-    if (out / sub).exists():
-      shutil.copytree(out / sub, dest / sub, dirs_exist_ok=True,
-                      ignore=shutil.ignore_patterns("*.npz", "*.npy"))
+    files += [p.relative_to(out) for p in sorted((out / sub).rglob("*"))
+              if p.is_file() and p.suffix in (".md", ".json", ".png")]
+  for rel in files:
+    (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+    if rel.suffix == ".png":
+      shutil.copy2(out / rel, dest / rel)
+    else:
+      text = (out / rel).read_text()
+      for prefix in (str(out), out_arg):
+        text = text.replace(prefix, "<out>")
+      (dest / rel).write_text(text)
 
 
 @entry_point
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
   path = report.write(out, results, command)
   print(f"report: {path}")
   if args.publish:
-    _publish(out, pathlib.Path(args.publish))
+    _publish(out, pathlib.Path(args.publish), args.out)
     print(f"published to {args.publish}")
   return 0
 
