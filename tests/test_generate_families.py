@@ -24,7 +24,8 @@ from hat import config as C
 from hat.data.layout import CapacityError, hat_batch_from_texts
 from hat.data.merge_layout import merge_batch_from_texts
 from hat.generate import SampleOptions, make_sampler
-from hat.generate.hat_sampler import DeleteGatedBackbone, HATSampler, encode_units
+from hat.generate.hat_sampler import DeleteGatedBackbone, HATSampler
+from hat.generate.word_encoder import encode_units
 from hat.models import build_model
 from hat.text.codec import W_ID
 from hat.text.tokenizers import ByteTokenizer

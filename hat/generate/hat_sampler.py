@@ -40,7 +40,7 @@ from hat.generate import rules
 from hat.generate.device import (DECODING, DONE, FULL, WAITING, DeviceSampler, embed,
                                  project, reset_length, where_rows)
 from hat.generate.sampling import sample_on_device, split_keys
-from hat.generate.word_encoder import encode_bucketed, encode_units  # noqa: F401 (re-exported)
+from hat.generate.word_encoder import encode_bucketed
 from hat.models import gates
 from hat.text.codec import PAD_ID, S_ID, W_ID
 from hat.text.splitter import Splitter

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hat.generate.device import embed, project
-from hat.models.layers import attend, rope, segment_mask, select_attention_impl, to_dtype
+from hat.models.layers import attend, segment_mask, select_attention_impl, to_dtype
 
 
 def stack_blocks(stack) -> list:
@@ -32,15 +32,9 @@ def stack_blocks(stack) -> list:
 def _marker_layer(block, x_NxLxd: jax.Array, pos_NxL: jax.Array,
                   visible_Nx1xL: jax.Array) -> jax.Array:
   """One block's output at slot 0 only (keys and values from every slot) -> x_Nx1xd."""
-  attn, cd = block.attn, block.attn.compute_dtype
-  xn_NxLxd = block.attn_norm(x_NxLxd).astype(cd)
-  theta = attn.cfg.rope_theta
-  q_Nx1xHxK = rope(jnp.einsum("bld,dhk->blhk", xn_NxLxd[:, :1], attn.wq[...].astype(cd)),
-                   pos_NxL[:, :1], theta)
-  k_NxLxGxK = rope(jnp.einsum("bld,dgk->blgk", xn_NxLxd, attn.wk[...].astype(cd)),
-                   pos_NxL, theta)
-  v_NxLxGxK = jnp.einsum("bld,dgk->blgk", xn_NxLxd, attn.wv[...].astype(cd))
-  att_Nx1xHxK = attend(q_Nx1xHxK, k_NxLxGxK.transpose(0, 2, 1, 3),
+  attn = block.attn
+  q_NxLxHxK, k_NxLxGxK, v_NxLxGxK = attn.qkv(block.attn_norm(x_NxLxd), pos_NxL)
+  att_Nx1xHxK = attend(q_NxLxHxK[:, :1], k_NxLxGxK.transpose(0, 2, 1, 3),
                        v_NxLxGxK.transpose(0, 2, 1, 3), visible_Nx1xL)
   x_Nx1xd = x_NxLxd[:, :1] + attn.out(att_Nx1xHxK)
   return x_Nx1xd + block.mlp(block.mlp_norm(x_Nx1xd))
