@@ -51,10 +51,15 @@ def _as_bytes(x: str | bytes) -> bytes:
   return x.encode("utf-8") if isinstance(x, str) else bytes(x)
 
 
+def _log_probs(logits_BxLxV, targets_BxL):
+  """(log-softmax over the vocabulary in fp32, the targets' log-probs)."""
+  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+  return logp_BxLxV, jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+
+
 @jax.jit
 def _token_logprobs(logits_BxLxV, targets_BxL):
-  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-  lp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  _, lp_BxL = _log_probs(logits_BxLxV, targets_BxL)
   greedy_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
   return lp_BxL, greedy_BxL
 
@@ -62,8 +67,7 @@ def _token_logprobs(logits_BxLxV, targets_BxL):
 @jax.jit
 def _row_logprobs(logits_BxTxV, targets_BxT, last_B):
   """Per-position target log-probs, and the whole distribution at each row's end."""
-  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-  lp_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  logp_BxTxV, lp_BxT = _log_probs(logits_BxTxV, targets_BxT)
   final_BxV = logp_BxTxV[jnp.arange(logp_BxTxV.shape[0]), last_B]
   return lp_BxT, final_BxV
 
