@@ -211,16 +211,17 @@ def summary(results: dict) -> list[str]:
            f"({analysis.ratio_trend(ratios)})."]
   dec = results.get("decomposition")
   if dec:
-    def worst(group):  # the bucket holding the most gap beyond its share of the bytes
-      rows = [g for g in dec["groups"][group] if g["byte_share"] >= 0.01]
-      return max(rows, key=lambda g: g["gap_share"] - g["byte_share"])
-    fr, ln = worst("frequency"), worst("length")
+    # Buckets of at least 1% of the bytes; `worst` holds the most gap beyond its bytes.
+    groups = {g: [r for r in dec["groups"][g] if r["byte_share"] >= 0.01]
+              for g in ("frequency", "length")}
+    fr, ln = (max(groups[g], key=lambda r: r["gap_share"] - r["byte_share"])
+              for g in ("frequency", "length"))
+    freq_ratios = [r["ratio"] for r in groups["frequency"]]
     names = list(dec["totals"])
     parts = {n: dec["parts"][n]["shares"] for n in names}
     lines.append(
         f"- **Where the gap sits**: spread over every bucket (ratios "
-        f"{min(g['ratio'] for g in dec['groups']['frequency'] if g['byte_share'] >= 0.01):.2f}"
-        f"–{max(g['ratio'] for g in dec['groups']['frequency'] if g['byte_share'] >= 0.01):.2f}"
+        f"{min(freq_ratios):.2f}–{max(freq_ratios):.2f}"
         f" by frequency); most in excess of its bytes in `{fr['bucket']}` words "
         f"({fr['gap_share']:.0%} of the gap for {fr['byte_share']:.0%} of the bytes, ratio "
         f"{fr['ratio']:.3f}) and words of `{ln['bucket']}` bytes ({ln['gap_share']:.0%} for "
