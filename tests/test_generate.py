@@ -77,15 +77,15 @@ def test_no_recompilation_across_words_prompts_and_options(hat_model):
   sampler.generate_batch(PROMPTS[:2], GREEDY)
   sampler.generate_batch(PROMPTS[2:], SampleOptions(temperature=0.7, top_k=5, top_p=0.9,
                                                     max_new_bytes=30, seed=3))
-  assert sampler.compile_counts() == {"prefill": 1, "chunk": 1}
+  assert sampler.compile_counts() == {"init": 1, "prefill": 1, "chunk": 1}
   sampler.generate_batch(PROMPTS[:3], GREEDY)  # a new batch size compiles once more
   sampler.generate_batch(PROMPTS[1:], SampleOptions(max_new_bytes=5, stop=("e",)))
-  assert sampler.compile_counts() == {"prefill": 2, "chunk": 2}
+  assert sampler.compile_counts() == {"init": 2, "prefill": 2, "chunk": 2}
   tok_sampler = make_sampler(build_model(_cfg("byte").model, vocab_size=259, rngs=rngs(3)),
                              _cfg("byte", max_tokens=40), ByteTokenizer())
   tok_sampler.generate_batch([b"a", b"bc"], SampleOptions(max_new_bytes=50))  # slides too
   tok_sampler.generate_batch([b"xyz", b""], GREEDY)
-  assert tok_sampler.compile_counts() == {"prefill": 1, "chunk": 1}
+  assert tok_sampler.compile_counts() == {"init": 1, "prefill": 1, "chunk": 1}
 
 
 def test_sampling_options(hat_model):

@@ -125,7 +125,7 @@ def generation_stats(model, cfg, n_bytes: int):
   caches = sampler.last_state["bb"]
   # Per layer; a gate on the word inputs (layer 0) has no lower stack, hence no cache.
   lens = [int(c["length_B"][0]) for key in ("bb", "lower", "upper") if caches.get(key)
-          for c in [caches[key]] for _ in range(c["k"].shape[0])]
+          for c in [caches[key]] for _ in c["k"]]
   return {"gen_bytes_per_s": len(out) / dt, "gen_kv_entries": sum(lens),
           "gen_kv_per_layer": lens, "sample": out.decode("utf-8", "replace")[:60]}
 

@@ -90,10 +90,10 @@ def kv_held(state: dict) -> tuple[int, int]:
   while todo:
     c = todo.pop()
     if isinstance(c, dict) and "k" in c and "length_B" in c:
-      layers, _, groups, _, head_dim = c["k"].shape
-      per_entry = 2 * layers * groups * head_dim * c["k"].dtype.itemsize
+      _, groups, _, head_dim = c["k"][0].shape
+      per_entry = 2 * len(c["k"]) * groups * head_dim * c["k"][0].dtype.itemsize
       held += per_entry * int(np.sum(np.asarray(c["length_B"])))
-      alloc += int(c["k"].nbytes + c["v"].nbytes)
+      alloc += sum(int(a.nbytes) for a in c["k"] + c["v"])
     elif isinstance(c, dict):
       todo.extend(c.values())
   return held, alloc

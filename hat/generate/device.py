@@ -17,6 +17,7 @@ or raises (`overflow="error"`).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
 import jax
@@ -25,7 +26,9 @@ import numpy as np
 from flax import nnx
 
 from hat.data import layout
-from hat.generate.sampling import SampleOptions, cut_at_stop, row_keys, stop_strings
+from hat.models.layers import TransformerStack
+from hat.generate.sampling import (SampleOptions, cut_at_stop, row_keys, seed_scalar,
+                                   stop_strings)
 
 OVERFLOW_POLICIES = ("slide", "error")
 DECODING, WAITING, FULL, DONE = 0, 1, 2, 3  # row status
@@ -41,16 +44,20 @@ class DeviceSampler:
       raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
     if chunk_steps < 1:
       raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+    model = decoding_copy(model)
     self.model, self.cfg = model, cfg
     self.chunk_steps, self.overflow = chunk_steps, overflow
     graphdef, self.params = nnx.split(model)
     self.prefill_fn = jax.jit(functools.partial(self._prefill_merged, graphdef),
                               donate_argnums=1)
     self.chunk_fn = jax.jit(functools.partial(self._chunk, graphdef), donate_argnums=1)
+    # One compiled call builds a batch's empty state (dozens of eager ops cost ~3 ms).
+    self.init_fn = jax.jit(self._fresh_state, static_argnums=1)
 
   def compile_counts(self) -> dict[str, int]:
     """How many times each step function was compiled (one per batch size)."""
-    return {"prefill": self.prefill_fn._cache_size(), "chunk": self.chunk_fn._cache_size()}
+    return {"init": self.init_fn._cache_size(), "prefill": self.prefill_fn._cache_size(),
+            "chunk": self.chunk_fn._cache_size()}
 
   # Per family (device side).
 
@@ -78,6 +85,12 @@ class DeviceSampler:
     raise NotImplementedError
 
   # Shared.
+
+  def _fresh_state(self, seed, batch: int) -> dict:
+    """Empty caches, per-row keys of `seed`, every row DONE until its prefill."""
+    return dict(self._init_state(batch), keys_BxK=row_keys(seed, batch, jnp),
+                status_B=jnp.full((batch,), DONE, jnp.int32),
+                nout_B=jnp.zeros((batch,), jnp.int32))
 
   def _prefill_merged(self, graphdef, params, st, rows_B, *arrays):
     model = nnx.merge(graphdef, params)
@@ -124,9 +137,7 @@ class DeviceSampler:
     if opts.max_new_bytes <= 0 or batch == 0:
       return outs
     rows = [self._new_row(bytes(p)) for p in prompts]
-    st = dict(self._init_state(batch), keys_BxK=jnp.asarray(row_keys(opts.seed, batch)),
-              status_B=jnp.full((batch,), DONE, jnp.int32),
-              nout_B=jnp.zeros((batch,), jnp.int32))
+    st = self.init_fn(seed_scalar(opts.seed), batch)
     st = self._refill(st, rows, np.ones(batch, bool), slide=False)
     stops = stop_strings(opts.stop)
     stopped = np.zeros(batch, bool)
@@ -152,6 +163,35 @@ class DeviceSampler:
   def generate(self, prompt: bytes, opts: SampleOptions) -> bytes:
     """Continues `prompt`; returns only the new bytes."""
     return self.generate_batch([prompt], opts)[0]
+
+
+def prefill_blocks(step, carry, length_B: jax.Array, block: int):
+  """`carry = step(start, carry)` for start = 0, block, 2 block, ... below max(length_B).
+
+  A prompt costs blocks of its own length, not the cache capacity: the trip count is a
+  traced value, so one compiled loop serves every prompt length.
+  """
+  num_blocks = (jnp.max(length_B) + block - 1) // block
+  return jax.lax.fori_loop(0, num_blocks, lambda i, c: step(i * block, c), carry)
+
+
+def padded(capacity: int, block: int) -> int:
+  """`capacity` rounded up to whole prefill blocks (host arrays are this long)."""
+  return math.ceil(capacity / block) * block
+
+
+def decoding_copy(model: nnx.Module) -> nnx.Module:
+  """A copy of the model whose scanned layer stacks are lists of blocks (same weights).
+
+  A step of a scanned stack slices each layer's weights out of the stacked arrays, a copy
+  per layer and step; the copy's blocks hold their own slices once (the stacked layers'
+  weights are held twice while the caller keeps the original).
+  """
+  model = nnx.clone(model)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, TransformerStack):
+      node.unstack()
+  return model
 
 
 def where_rows(rows_B: jax.Array, new: Any, old: Any) -> Any:

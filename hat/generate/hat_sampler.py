@@ -38,7 +38,7 @@ from hat.data import layout
 from hat.family import family_of
 from hat.generate import rules
 from hat.generate.device import (DECODING, DONE, FULL, WAITING, DeviceSampler, embed,
-                                 project, reset_length, where_rows)
+                                 padded, prefill_blocks, project, reset_length, where_rows)
 from hat.generate.sampling import sample_on_device, split_keys
 from hat.generate.word_encoder import encode_bucketed
 from hat.models import gates
@@ -64,7 +64,7 @@ class PlainBackbone:
     return {k: reset_length(c, rows_B) for k, c in caches.items()}
 
   def run(self, model, words_NxTxD, pos_NxT, caches, keep_NxT, rows_N):
-    """New units through the cached backbone -> (p_NxTxd, caches)."""
+    """New units through the cached backbone -> (p_NxTxd, caches); rows_N None: all rows."""
     h, bb = model.backbone.extend(words_NxTxD, pos_NxT=pos_NxT, cache=caches["bb"],
                                   keep_NxT=keep_NxT, rows_N=rows_N)
     return project(h, model.w_dec[...], model.compute_dtype), {"bb": bb}
@@ -92,7 +92,10 @@ class DeleteGatedBackbone:
             "deleted_B": jnp.where(rows_B, 0, caches["deleted_B"])}
 
   def run(self, model, words_NxTxD, pos_NxT, caches, keep_NxT, rows_N):
-    """New units through lower stack, gate and upper stack -> (p_NxTxd, caches)."""
+    """New units through lower stack, gate and upper stack -> (p_NxTxd, caches).
+
+    rows_N: the cache rows of the N inputs; None for every row in order.
+    """
     h, lower = words_NxTxD, caches["lower"]
     if model.backbone_lower is not None:
       h, lower = model.backbone_lower.extend(words_NxTxD, pos_NxT=pos_NxT,
@@ -103,7 +106,9 @@ class DeleteGatedBackbone:
     # but leaves no K/V entry there.
     h, upper = model.backbone_upper.extend(h, pos_NxT=pos_NxT, cache=caches["upper"],
                                            keep_NxT=keep_NxT & ~gone_NxT, rows_N=rows_N)
-    deleted_B = caches["deleted_B"].at[rows_N].add(jnp.sum(gone_NxT, 1, dtype=jnp.int32))
+    gone_N = jnp.sum(gone_NxT, 1, dtype=jnp.int32)
+    deleted_B = caches["deleted_B"] + gone_N if rows_N is None else \
+        caches["deleted_B"].at[rows_N].add(gone_N)
     p = project(h, model.w_dec[...], model.compute_dtype)
     return p, {"lower": lower, "upper": upper, "deleted_B": deleted_B}
 
@@ -131,13 +136,15 @@ class HATSampler(DeviceSampler):
   """Cached HAT sampler (plain or delete-gated), batched, decoding on the device."""
 
   def __init__(self, model, cfg, tokenizer=None, *, max_units: int | None = None,
-               overflow: str = "slide", word_rows: float = 0.25, chunk_steps: int = 64):
+               overflow: str = "slide", word_rows: float = 0.25, chunk_steps: int = 64,
+               prefill_block: int = 16):
     del tokenizer  # words come from the splitter
     self.splitter = Splitter(cfg.data.splitter, cfg.data.max_word_bytes)
     self.max_units = max_units or cfg.data.max_units
     self.max_word = cfg.data.max_word_bytes
     self.slots = self.max_word + 1  # [W] b_1 .. b_n: encoder input and decoder cache
     self.word_rows = word_rows
+    self.prefill_block = min(prefill_block, self.max_units)
     self.backbone = backbone_for(model, cfg, self.max_units)
     super().__init__(model, cfg, chunk_steps=chunk_steps, overflow=overflow)
 
@@ -160,30 +167,42 @@ class HATSampler(DeviceSampler):
   def _prefill(self, model, st, rows_B, ids_BxUxL, nb_BxU, units_B, word_BxL, nbytes_B):
     """Encoder + backbone over each refilled row's units, decoder over its partial word.
 
-    Every unit of the cache capacity is encoded (static shapes), over the fewest slots
-    that hold the longest word of the batch.
+    Units go through in blocks of `prefill_block` up to the longest refilled context
+    (`prefill_blocks`), each block's words encoded over the fewest slots that hold its
+    longest word; p is read at each row's last unit.
     """
-    batch, units, slots = ids_BxUxL.shape
+    batch, _, slots = ids_BxUxL.shape
     cd = model.compute_dtype
-    words_BxUxD = encode_bucketed(model, ids_BxUxL.reshape(batch * units, slots),
-                                   nb_BxU.reshape(-1)).reshape(batch, units, -1)
-    pos_BxU = jnp.broadcast_to(jnp.arange(units, dtype=jnp.int32)[None], (batch, units))
-    keep_BxU = rows_B[:, None] & (pos_BxU < units_B[:, None])
-    bb = self.backbone.reset(st["bb"], rows_B)
-    p_BxUxd, bb = self.backbone.run(model, words_BxUxD, pos_BxU, bb, keep_BxU,
-                                    jnp.arange(batch))
-    p_Bxd = jnp.take_along_axis(p_BxUxd, jnp.maximum(units_B - 1, 0)[:, None, None],
-                                axis=1)[:, 0]
+    block = self.prefill_block
+
+    def step(start, carry):
+      bb, p_Bxd = carry
+      ids_BxTxL = jax.lax.dynamic_slice_in_dim(ids_BxUxL, start, block, axis=1)
+      nb_BxT = jax.lax.dynamic_slice_in_dim(nb_BxU, start, block, axis=1)
+      words_BxTxD = encode_bucketed(model, ids_BxTxL.reshape(batch * block, slots),
+                                     nb_BxT.reshape(-1)).reshape(batch, block, -1)
+      pos_BxT = start + jnp.broadcast_to(jnp.arange(block, dtype=jnp.int32)[None],
+                                         (batch, block))
+      keep_BxT = rows_B[:, None] & (pos_BxT < units_B[:, None])
+      p_BxTxd, bb = self.backbone.run(model, words_BxTxD, pos_BxT, bb, keep_BxT, None)
+      last_B = units_B - 1 - start
+      here_B = rows_B & (last_B >= 0) & (last_B < block)
+      p_last_Bxd = jnp.take_along_axis(p_BxTxd, jnp.clip(last_B, 0, block - 1)[:, None, None],
+                                       axis=1)[:, 0].astype(p_Bxd.dtype)
+      return bb, jnp.where(here_B[:, None], p_last_Bxd, p_Bxd)
+
+    bb, p_Bxd = prefill_blocks(step, (self.backbone.reset(st["bb"], rows_B), st["p_Bxd"]),
+                               jnp.where(rows_B, units_B, 0), block)
     x_BxLxd = embed(dec_table(model), word_BxL, cd).at[:, 0].set(p_Bxd.astype(cd))
     pos_BxL = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32)[None], (batch, slots))
     # The decoder holds slots 0..n-1; the first tick feeds slot n (b_n, or p when n = 0).
     _, dec = model.decoder.extend(x_BxLxd, pos_NxT=pos_BxL,
                                   cache=reset_length(st["dec"], rows_B),
                                   keep_NxT=rows_B[:, None] & (pos_BxL < nbytes_B[:, None]))
-    flat = where_rows(rows_B, {"p_Bxd": p_Bxd.astype(st["p_Bxd"].dtype), "word_BxL": word_BxL,
-                               "nbytes_B": nbytes_B, "units_B": units_B},
-                      {k: st[k] for k in ("p_Bxd", "word_BxL", "nbytes_B", "units_B")})
-    return {**st, **flat, "bb": bb, "dec": dec}
+    flat = where_rows(rows_B, {"word_BxL": word_BxL, "nbytes_B": nbytes_B,
+                               "units_B": units_B},
+                      {k: st[k] for k in ("word_BxL", "nbytes_B", "units_B")})
+    return {**st, **flat, "p_Bxd": p_Bxd, "bb": bb, "dec": dec}
 
   def _tick(self, model, st, temperature, top_k, top_p, max_new):
     """One decoder step for every decoding row; then the word step for finished words."""
@@ -267,8 +286,9 @@ class HATSampler(DeviceSampler):
 
   def _refill_arrays(self, rows: list, which: np.ndarray, slide: bool) -> tuple:
     batch = len(rows)
-    ids = np.full((batch, self.max_units, self.slots), PAD_ID, np.int32)
-    nb = np.zeros((batch, self.max_units), np.int32)
+    units_padded = padded(self.max_units, self.prefill_block)
+    ids = np.full((batch, units_padded, self.slots), PAD_ID, np.int32)
+    nb = np.zeros((batch, units_padded), np.int32)
     word = np.full((batch, self.slots), PAD_ID, np.int32)
     ids[:, :, 0] = W_ID
     ids[:, 0, 0] = S_ID

@@ -153,11 +153,21 @@ def _nucleus_threshold(probs_BxV: jax.Array, bits_BxV: jax.Array,
   return hi_B
 
 
-def row_keys(seed: int, batch: int) -> np.ndarray:
-  """Raw key data per row: row b's stream depends on (seed, b) only."""
+def seed_scalar(seed: int) -> np.ndarray:
+  """The seed as a fixed-dtype scalar for jit (same keys as the Python int)."""
+  if not -2**31 <= seed < 2**32:
+    raise ValueError(f"seed must fit in 32 bits, got {seed}")
+  return np.uint32(seed) if seed >= 0 else np.int32(seed)
+
+
+def row_keys(seed, batch: int, xp=np):
+  """Raw key data per row: row b's stream depends on (seed, b) only.
+
+  `xp=jnp` keeps them on the device (inside jit, with a traced seed).
+  """
   base = jax.random.key(seed)
   keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch))
-  return np.asarray(jax.random.key_data(keys))
+  return xp.asarray(jax.random.key_data(keys))
 
 
 def split_keys(keys_BxK: jax.Array, active_B: jax.Array) -> tuple[jax.Array, jax.Array]:

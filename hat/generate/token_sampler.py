@@ -3,18 +3,19 @@
 One KV cache over BOS + tokens per row. Each tick feeds every decoding row's last token
 through the backbone (one new cache entry, written in place) and samples the next; bytes
 per token come from a table, so max-new-bytes is counted on the device. A prompt is
-prefilled at once except its last token, which the first tick feeds.
+prefilled in blocks up to its length except its last token, which the first tick feeds.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hat.data import layout
 from hat.generate import rules
-from hat.generate.device import (DECODING, DONE, FULL, DeviceSampler, embed, project,
-                                 reset_length, where_rows)
+from hat.generate.device import (DECODING, DONE, FULL, DeviceSampler, embed, padded,
+                                 prefill_blocks, project, reset_length, where_rows)
 from hat.generate.sampling import sample_on_device, split_keys
 
 
@@ -22,9 +23,10 @@ class TokenSampler(DeviceSampler):
   """Cached sampler for a BPE or byte-level LM, batched, decoding on the device."""
 
   def __init__(self, model, cfg, tokenizer, *, max_tokens: int | None = None,
-               overflow: str = "slide", chunk_steps: int = 64):
+               overflow: str = "slide", chunk_steps: int = 64, prefill_block: int = 32):
     self.tok = tokenizer
     self.capacity = max_tokens or cfg.data.max_tokens
+    self.prefill_block = min(prefill_block, self.capacity)
     vocab = model.head.shape[-1]
     self.token_bytes_V = np.array([len(tokenizer.decode([i])) if i < tokenizer.vocab_size
                                    else 0 for i in range(vocab)], np.int32)
@@ -40,15 +42,25 @@ class TokenSampler(DeviceSampler):
                                                     self.model.compute_dtype),
             "tok_B": jnp.zeros((batch,), jnp.int32)}
 
-  def _prefill(self, model, st, rows_B, tokens_BxT, length_B):
-    """All context tokens but the last into the cache; the last is fed by the first tick."""
-    batch, length = tokens_BxT.shape
-    pos_BxT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None], (batch, length))
-    x_BxTxD = embed(model.embed[...], tokens_BxT, model.compute_dtype)
-    _, cache = model.backbone.extend(x_BxTxD, pos_NxT=pos_BxT,
-                                     cache=reset_length(st["cache"], rows_B),
-                                     keep_NxT=rows_B[:, None] & (pos_BxT < length_B[:, None] - 1))
-    last_B = jnp.take_along_axis(tokens_BxT, (length_B - 1)[:, None], axis=1)[:, 0]
+  def _prefill(self, model, st, rows_B, tokens_BxP, length_B):
+    """All context tokens but the last into the cache, in blocks up to the longest
+    context; the last is fed by the first tick."""
+    batch = tokens_BxP.shape[0]
+    block = self.prefill_block
+
+    def step(start, cache):
+      tokens_BxT = jax.lax.dynamic_slice_in_dim(tokens_BxP, start, block, axis=1)
+      pos_BxT = start + jnp.broadcast_to(jnp.arange(block, dtype=jnp.int32)[None],
+                                         (batch, block))
+      x_BxTxD = embed(model.embed[...], tokens_BxT, model.compute_dtype)
+      _, cache = model.backbone.extend(
+          x_BxTxD, pos_NxT=pos_BxT, cache=cache,
+          keep_NxT=rows_B[:, None] & (pos_BxT < length_B[:, None] - 1))
+      return cache
+
+    cache = prefill_blocks(step, reset_length(st["cache"], rows_B),
+                           jnp.where(rows_B, length_B - 1, 0), block)
+    last_B = jnp.take_along_axis(tokens_BxP, (length_B - 1)[:, None], axis=1)[:, 0]
     return {**st, "cache": cache, "tok_B": where_rows(rows_B, last_B, st["tok_B"])}
 
   def _tick(self, model, st, temperature, top_k, top_p, max_new):
@@ -83,7 +95,8 @@ class TokenSampler(DeviceSampler):
     return self.tok.decode([sym])
 
   def _refill_arrays(self, rows: list, which: np.ndarray, slide: bool) -> tuple:
-    tokens = np.full((len(rows), self.capacity), self.tok.pad_id, np.int32)
+    tokens = np.full((len(rows), padded(self.capacity, self.prefill_block)), self.tok.pad_id,
+                     np.int32)
     length = np.ones(len(rows), np.int32)
     tokens[:, 0] = self.tok.bos_id
     # Sliding keeps half the cache, so the next refill is capacity/2 tokens away.

@@ -20,15 +20,6 @@ from hat.generate.device import embed, project
 from hat.models.layers import attend, segment_mask, select_attention_impl, to_dtype
 
 
-def stack_blocks(stack) -> list:
-  """The Blocks of a TransformerStack, layer by layer (scanned or not)."""
-  if not stack.scan_layers:
-    return list(stack.blocks)
-  graphdef, state = nnx.split(stack.layers)
-  return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
-          for i in range(stack.cfg.num_layers)]
-
-
 def _marker_layer(block, x_NxLxd: jax.Array, pos_NxL: jax.Array,
                   visible_Nx1xL: jax.Array) -> jax.Array:
   """One block's output at slot 0 only (keys and values from every slot) -> x_Nx1xd."""
@@ -53,7 +44,7 @@ def encode_units(model, ids_NxL: jax.Array, num_bytes_N: jax.Array) -> jax.Array
   impl = select_attention_impl(stack.impl, dtype=to_dtype(stack.compute_dtype),
                                head_dim=stack.cfg.head_dim, length=length)
   x_NxLxd = embed(model.enc_embed[...], ids_NxL, cd)
-  *lower, last = stack_blocks(stack)
+  *lower, last = stack.layer_blocks()
   for block in lower:
     x_NxLxd = block(x_NxLxd, segment_BxL=segment_NxL, pos_BxL=pos_NxL,
                     mask_BxLxL=None if impl == "splash" else mask_NxLxL)

@@ -26,16 +26,7 @@ from flax import nnx
 from hat.config import delete_capacity
 from hat.models import gates
 from hat.models.hat_model import HAT, Units, _stack_kwargs
-from hat.models.layers import Block, TransformerStack, attend
-
-
-def stack_blocks(stack: TransformerStack) -> list[Block]:
-  """The stack's blocks as separate modules (slicing the layer axis when scanned)."""
-  if not stack.scan_layers:
-    return list(stack.blocks)
-  graphdef, state = nnx.split(stack.layers)
-  n = stack.cfg.num_layers
-  return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)]
+from hat.models.layers import TransformerStack, attend
 
 
 def hard_upper(stack: TransformerStack, x_BxWxD, segment_BxW, pos_BxW, keep_BxW,
@@ -51,7 +42,7 @@ def hard_upper(stack: TransformerStack, x_BxWxD, segment_BxW, pos_BxW, keep_BxW,
   # Kept keys in the cache layout (B, G, M, K), as a KV cache holding only kept words.
   gather = lambda a: jnp.take_along_axis(a, index_BxM[:, :, None, None], axis=1).transpose(
       0, 2, 1, 3)
-  for block in stack_blocks(stack):
+  for block in stack.layer_blocks():
     q, k, v = block.attn.qkv(block.attn_norm(x_BxWxD), pos_BxW)
     att = attend(q, gather(k), gather(v), mask_BxWxM, self_kv=(k, v))
     x_BxWxD = x_BxWxD + block.attn.out(att)
