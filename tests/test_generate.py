@@ -155,6 +155,16 @@ def test_sort_free_thresholds_equal_sorting():
       assert thr_B[b] == want, (top_p, b)
 
 
+def test_blocked_cumsum_equals_cumsum():
+  from hat.generate.sampling import _cumsum
+  rng = np.random.default_rng(1)
+  for vocab in (1, 16, 40, 259):
+    x_BxV = rng.random((3, vocab)).astype(np.float32)
+    x_BxV[:, ::3] = 0.0
+    np.testing.assert_allclose(np.asarray(_cumsum(jnp.asarray(x_BxV))),
+                               np.cumsum(x_BxV, axis=1), rtol=1e-6, atol=1e-6)
+
+
 def test_sample_on_device_follows_the_distribution():
   probs = np.array([0.5, 0.0, 0.3, 0.15, 0.05])
   logits_BxV = jnp.log(jnp.asarray(np.tile(probs, (4000, 1)), jnp.float32))
@@ -173,6 +183,8 @@ def test_first_rows_and_marker_encoder_equal_the_full_ones():
   assert rows_K.tolist() == [1, 2, 4, 5] and valid_K.all()
   rows_K, valid_K = first_rows(jnp.array([0, 1, 0], bool), 2)
   assert rows_K.tolist() == [1, 0] and valid_K.tolist() == [True, False]
+  rows_K, valid_K = first_rows(jnp.array([0, 1, 1, 0, 1, 1, 1], bool), 4, jnp.int32(5))
+  assert rows_K.tolist() == [5, 6, 1, 2] and valid_K.all()  # round robin from row 5
   base = tiny_model_config("hat")
   for layers, scan in ((1, False), (3, True)):
     mcfg = dataclasses.replace(base, scan_layers=scan, encoder=dataclasses.replace(

@@ -8,7 +8,7 @@ row (word-level KV cache) and the row starts its next word; `[S]` ends the row.
 
 Rows advance independently. Each tick runs one decoder step for every decoding row.
 Rows that finished a word wait until a full sub-batch of them (`word_rows` of the batch;
-one row at batch 1) or no decoding row is left; then the first waiting rows in order are
+one row at batch 1) or no decoding row is left; then waiting rows, taken round robin, are
 encoded and stepped through the backbone together, reading their caches and writing one
 new entry per layer in place. A word step's fixed cost is so shared by its rows, and no
 row waits for the longest word of the batch.
@@ -113,16 +113,19 @@ class DeleteGatedBackbone:
     return p, {"lower": lower, "upper": upper, "deleted_B": deleted_B}
 
 
-def first_rows(select_B: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
-  """The first `num` selected rows in order -> (rows_K, valid_K); padding points at 0.
+def first_rows(select_B: jax.Array, num: int, start: jax.Array | int = 0
+               ) -> tuple[jax.Array, jax.Array]:
+  """The first `num` selected rows in cyclic order from `start` -> (rows_K, valid_K);
+  padding points at 0.
 
   Row j is the number of rows whose running count of selected rows is <= j: a compare
   and a sum, where an argsort (`gates.compact_indices`) costs more than the step.
   """
-  count_B = jnp.cumsum(select_B.astype(jnp.int32))
+  batch = select_B.shape[0]
+  count_B = jnp.cumsum(jnp.roll(select_B, -start).astype(jnp.int32))
   rows_K = jnp.sum(count_B[None, :] <= jnp.arange(num)[:, None], axis=1, dtype=jnp.int32)
   valid_K = jnp.arange(num) < count_B[-1]
-  return jnp.where(valid_K, rows_K, 0), valid_K
+  return jnp.where(valid_K, (rows_K + start) % batch, 0), valid_K
 
 
 def backbone_for(model, cfg, capacity: int):
@@ -162,7 +165,8 @@ class HATSampler(DeviceSampler):
             "p_Bxd": jnp.zeros((batch, d_dec), model.compute_dtype),
             "word_BxL": jnp.full((batch, self.slots), PAD_ID, jnp.int32),
             "nbytes_B": jnp.zeros((batch,), jnp.int32),
-            "units_B": jnp.zeros((batch,), jnp.int32)}
+            "units_B": jnp.zeros((batch,), jnp.int32),
+            "next_row": jnp.zeros((), jnp.int32)}
 
   def _prefill(self, model, st, rows_B, ids_BxUxL, nb_BxU, units_B, word_BxL, nbytes_B):
     """Encoder + backbone over each refilled row's units, decoder over its partial word.
@@ -249,7 +253,12 @@ class HATSampler(DeviceSampler):
     waiting_B = status_B == WAITING
     full_B = waiting_B & (units_B >= self.max_units)
     num = self._word_batch(batch)
-    rows_K, valid_K = first_rows(waiting_B & ~full_B, num)
+    # Round robin from the row after the last one served: the first rows in index order
+    # would starve the last rows of a busy batch (one row ran 130 ticks after the rest).
+    rows_K, valid_K = first_rows(waiting_B & ~full_B, num, st["next_row"])
+    served = jnp.sum(valid_K)
+    next_row = jnp.where(served > 0, (rows_K[jnp.maximum(served - 1, 0)] + 1) % batch,
+                         st["next_row"])
     words_KxD = encode_bucketed(model, st["word_BxL"][rows_K],
                                 jnp.where(valid_K, st["nbytes_B"][rows_K], 0))
     p_Kx1xd, bb = self.backbone.run(model, words_KxD[:, None], units_B[rows_K][:, None],
@@ -257,7 +266,7 @@ class HATSampler(DeviceSampler):
     dst_K = jnp.where(valid_K, rows_K, batch)  # out of range: no write
     fresh_L = jnp.full((self.slots,), PAD_ID, jnp.int32).at[0].set(W_ID)
     dec = st["dec"]
-    return {**st, "bb": bb,
+    return {**st, "bb": bb, "next_row": next_row,
             "p_Bxd": st["p_Bxd"].at[dst_K].set(p_Kx1xd[:, 0].astype(st["p_Bxd"].dtype),
                                                mode="drop"),
             "units_B": units_B.at[dst_K].add(1, mode="drop"),
