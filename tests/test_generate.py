@@ -52,6 +52,8 @@ def test_hat_cached_equals_uncached_greedy(hat_model):
   for prompt, got in zip(PROMPTS, batched):
     assert got == ref.generate(prompt, GREEDY), prompt
   assert cached.generate(PROMPTS[0], GREEDY) == batched[0]
+  # Prefill blocks of 3 units (not dividing the 40-unit cache) give the same output.
+  assert HATSampler(model, cfg, prefill_block=3).generate_batch(PROMPTS, GREEDY) == batched
 
 
 @pytest.mark.parametrize("kind", ["byte", "bpe"])
@@ -69,6 +71,8 @@ def test_token_cached_equals_uncached_greedy(kind, tmp_path):
   for prompt, got in zip(PROMPTS, batched):
     assert got == ref.generate(prompt, GREEDY), prompt
     assert len(got) <= GREEDY.max_new_bytes
+  assert TokenSampler(model, cfg, tok, prefill_block=7).generate_batch(PROMPTS, GREEDY) \
+      == batched
 
 
 def test_no_recompilation_across_words_prompts_and_options(hat_model):

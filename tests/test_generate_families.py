@@ -101,6 +101,8 @@ def test_delete_gate_cached_greedy_equals_hard_forward_reference(delete_model):
   np.testing.assert_array_equal(upper, units - deleted)  # only the kept ones above it
   assert deleted.sum() > 0 and (upper > 0).all()
   assert cached.compile_counts() == {"init": 1, "prefill": 1, "chunk": 1}
+  # The gate's decisions do not depend on how the prompt is cut into prefill blocks.
+  assert make_sampler(model, cfg, prefill_block=3).generate_batch(PROMPTS, GREEDY) == batched
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,10 @@ family comes from the config, and a BPE head wider than the tokenizer (the 1B co
 `--run NAME=workdir` the trained runs are loaded instead, so speed is measured on real
 word lengths and real `[W]` / gate decisions.
 
-Each (model, batch) pair is compiled by a warm-up call, then timed over `--repeats`
-calls of `--new-bytes` bytes per row; the median is reported, in wall-clock bytes/s and
+Each (model, batch) pair is compiled by a warm-up call, then timed over at least
+`--repeats` calls of `--new-bytes` bytes per row and at least `--min-seconds` of them
+(a batch-1 call takes milliseconds: a few of them are noise on a shared machine); the
+median is reported, in wall-clock bytes/s and
 in bytes per CPU second of this process (steadier on a machine shared with other jobs),
 and as milliseconds per decoded byte of a row (wall time / the longest row). Rows also
 give bytes per generated word (token, chunk) and the backbone KV cache held per word.
@@ -93,7 +95,7 @@ def kv_held(state: dict) -> tuple[int, int]:
       _, groups, _, head_dim = c["k"][0].shape
       per_entry = 2 * len(c["k"]) * groups * head_dim * c["k"][0].dtype.itemsize
       held += per_entry * int(np.sum(np.asarray(c["length_B"])))
-      alloc += sum(int(a.nbytes) for a in c["k"] + c["v"])
+      alloc += sum(int(a.nbytes) for a in list(c["k"]) + list(c["v"]))
     elif isinstance(c, dict):
       todo.extend(c.values())
   return held, alloc
@@ -109,11 +111,12 @@ def _units(sampler) -> int:
   return int(np.sum(np.asarray(st["cache"]["length_B"])))
 
 
-def _time(sampler, batch: int, opts: SampleOptions, repeats: int) -> dict:
+def _time(sampler, batch: int, opts: SampleOptions, repeats: int,
+          min_seconds: float = 0.0) -> dict:
   prompts = [PROMPT[: len(PROMPT) - (i % 7)] for i in range(batch)]
   sampler.generate_batch(prompts[:1] * batch, opts)  # compiles every step function
   walls, cpus, totals = [], [], []
-  for _ in range(repeats):
+  while len(walls) < repeats or sum(walls) < min_seconds:
     start, cpu = time.perf_counter(), time.process_time()
     outs = sampler.generate_batch(prompts, opts)
     walls.append(time.perf_counter() - start)
@@ -132,7 +135,8 @@ def _time(sampler, batch: int, opts: SampleOptions, repeats: int) -> dict:
   if "deleted_B" in bb:  # delete gate: fraction of committed words left out above it
     extra["deleted_fraction"] = float(np.sum(np.asarray(bb["deleted_B"]))) / max(units, 1)
   longest = max(map(len, outs))
-  return {"batch": batch, "bytes": totals[-1], "seconds": statistics.median(walls),
+  return {"batch": batch, "calls": len(walls), "bytes": totals[-1],
+          "seconds": statistics.median(walls),
           "bytes_per_s": statistics.median(rates), "bytes_per_s_all": rates,
           "bytes_per_cpu_s": statistics.median([t / c for t, c in zip(totals, cpus)]),
           "ms_per_byte_per_row": 1e3 * statistics.median(walls) / max(longest, 1),
@@ -156,7 +160,9 @@ def main(argv=None) -> int:
   ap.add_argument("--bpe-train-bytes", type=int, default=2_000_000)
   ap.add_argument("--batches", default="1,32,128")
   ap.add_argument("--new-bytes", type=int, default=192)
-  ap.add_argument("--repeats", type=int, default=3, help="timed calls per row (median)")
+  ap.add_argument("--repeats", type=int, default=3, help="timed calls per row, at least")
+  ap.add_argument("--min-seconds", type=float, default=2.0,
+                  help="keep timing calls until they took this long in all (median)")
   ap.add_argument("--chunk-steps", type=int, default=64, help="device ticks per host transfer")
   ap.add_argument("--w-scale", type=float, default=10.0,
                   help="HAT [W] logit scale for random weights (words of a few bytes)")
@@ -200,13 +206,13 @@ def main(argv=None) -> int:
     sampler = make_sampler(model, cfg, tok, chunk_steps=args.chunk_steps)
     for batch in [int(b) for b in args.batches.split(",")]:
       r = {"model": name, "family": family_of(cfg).name, "source": source,
-           **_time(sampler, batch, opts, args.repeats)}
+           **_time(sampler, batch, opts, args.repeats, args.min_seconds)}
       bb = cfg.model.backbone
       r["backbone"] = f"{bb.num_layers}x{bb.d_model}"
       rows.append(r)
       print(json.dumps(r), flush=True)
   print(f"\n{machine['platform']} ({machine['device_kind']}), new bytes per row "
-        f"{args.new_bytes}, median of {args.repeats}\n")
+        f"{args.new_bytes}, median of >= {args.repeats} calls and >= {args.min_seconds} s\n")
   print("| model | backbone | batch | bytes/s | bytes/CPU-s | ms/byte (per row) | "
         "bytes/position | KV bytes/position |")
   print("|---|---|---|---|---|---|---|---|")

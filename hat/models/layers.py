@@ -466,8 +466,9 @@ class TransformerStack(nnx.Module):
     positions with `keep_NxT` (default all) are appended, compacted, in order; a full
     cache drops further entries (the first-M policy of hard deletion). `rows_N` names
     the cache rows of the N inputs (default: all B rows in order); rows whose positions
-    are all unkept may repeat (padding). Writes are scatters into the stacked cache
-    carried through the layer loop: under jit with a donated cache nothing is copied.
+    are all unkept may repeat (padding). Writes are scatters into each layer's buffer:
+    under jit with a donated cache nothing is copied. The layers run unrolled; a scanned
+    stack's weights are sliced per call (`unstack` first to decode many steps).
     """
     if not self.causal:
       raise ValueError("a KV cache only serves causal attention")
