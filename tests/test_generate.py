@@ -42,7 +42,7 @@ def hat_model():
   return model, cfg
 
 
-def test_hat_cached_equals_uncached_greedy(hat_model):
+def test_hat_cached_equals_uncached_greedy(hat_model, monkeypatch):
   model, cfg = hat_model
   cached, ref = HATSampler(model, cfg), ReferenceHATSampler(model, cfg)
   batched = cached.generate_batch(PROMPTS, GREEDY)
@@ -54,10 +54,15 @@ def test_hat_cached_equals_uncached_greedy(hat_model):
   assert cached.generate(PROMPTS[0], GREEDY) == batched[0]
   # Prefill blocks of 3 units (not dividing the 40-unit cache) give the same output.
   assert HATSampler(model, cfg, prefill_block=3).generate_batch(PROMPTS, GREEDY) == batched
+  # So do cache reads cut to the longest row (spans 40 and 20 of this cache).
+  from hat.models import layers
+  assert layers.cache_spans(40) == [20, 40] and layers.cache_spans(128) == [16, 32, 64, 128]
+  monkeypatch.setattr(layers, "SPAN_MIN_BYTES", 0)
+  assert HATSampler(model, cfg).generate_batch(PROMPTS, GREEDY) == batched
 
 
 @pytest.mark.parametrize("kind", ["byte", "bpe"])
-def test_token_cached_equals_uncached_greedy(kind, tmp_path):
+def test_token_cached_equals_uncached_greedy(kind, tmp_path, monkeypatch):
   if kind == "bpe":
     from hat.text.bpe import train_bpe
     text = [b" ".join(PROMPTS) * 20, b"the quick brown fox jumps over the lazy dog. " * 40]
@@ -73,6 +78,9 @@ def test_token_cached_equals_uncached_greedy(kind, tmp_path):
     assert len(got) <= GREEDY.max_new_bytes
   assert TokenSampler(model, cfg, tok, prefill_block=7).generate_batch(PROMPTS, GREEDY) \
       == batched
+  from hat.models import layers
+  monkeypatch.setattr(layers, "SPAN_MIN_BYTES", 0)  # reads cut to 24, 48 or 96 tokens
+  assert TokenSampler(model, cfg, tok).generate_batch(PROMPTS, GREEDY) == batched
 
 
 def test_no_recompilation_across_words_prompts_and_options(hat_model):

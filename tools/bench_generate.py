@@ -17,8 +17,9 @@ word lengths and real `[W]` / gate decisions.
 
 Each (model, batch) pair is compiled by a warm-up call, then timed over at least
 `--repeats` calls of `--new-bytes` bytes per row and at least `--min-seconds` of them
-(a batch-1 call takes milliseconds: a few of them are noise on a shared machine); the
-median is reported, in wall-clock bytes/s and
+(a batch-1 call takes milliseconds: a few of them are noise on a shared machine). The
+models' calls are taken in turn, one each, so a change in the machine's load falls on
+every model alike. The median is reported, in wall-clock bytes/s and
 in bytes per CPU second of this process (steadier on a machine shared with other jobs),
 and as milliseconds per decoded byte of a row (wall time / the longest row). Rows also
 give bytes per generated word (token, chunk) and the backbone KV cache held per word.
@@ -111,38 +112,64 @@ def _units(sampler) -> int:
   return int(np.sum(np.asarray(st["cache"]["length_B"])))
 
 
-def _time(sampler, batch: int, opts: SampleOptions, repeats: int,
-          min_seconds: float = 0.0) -> dict:
-  prompts = [PROMPT[: len(PROMPT) - (i % 7)] for i in range(batch)]
-  sampler.generate_batch(prompts[:1] * batch, opts)  # compiles every step function
-  walls, cpus, totals = [], [], []
-  while len(walls) < repeats or sum(walls) < min_seconds:
+class _Timer:
+  """Timed `generate_batch` calls of one sampler at one batch size (after a warm-up)."""
+
+  def __init__(self, sampler, batch: int, opts: SampleOptions):
+    self.sampler, self.batch, self.opts = sampler, batch, opts
+    self.prompts = [PROMPT[: len(PROMPT) - (i % 7)] for i in range(batch)]
+    sampler.generate_batch(self.prompts[:1] * batch, opts)  # compiles every step function
+    self.walls, self.cpus, self.totals = [], [], []
+
+  def done(self, repeats: int, min_seconds: float) -> bool:
+    return len(self.walls) >= repeats and sum(self.walls) >= min_seconds
+
+  def call(self) -> None:
     start, cpu = time.perf_counter(), time.process_time()
-    outs = sampler.generate_batch(prompts, opts)
-    walls.append(time.perf_counter() - start)
-    cpus.append(time.process_time() - cpu)
-    totals.append(sum(map(len, outs)))
-  rates = [t / w for t, w in zip(totals, walls)]
-  units = _units(sampler)
-  # Positions the prompts alone take (START/BOS + prompt words or tokens or chunks).
-  sampler.generate_batch(prompts, SampleOptions(temperature=0.0, max_new_bytes=1))
-  base_units = _units(sampler)
-  sampler.generate_batch(prompts, opts)
-  held, alloc = kv_held(sampler.last_state)
-  new_units = max(units - base_units, 1)
-  bb = sampler.last_state.get("bb", {})
-  extra = {}
-  if "deleted_B" in bb:  # delete gate: fraction of committed words left out above it
-    extra["deleted_fraction"] = float(np.sum(np.asarray(bb["deleted_B"]))) / max(units, 1)
-  longest = max(map(len, outs))
-  return {"batch": batch, "calls": len(walls), "bytes": totals[-1],
-          "seconds": statistics.median(walls),
-          "bytes_per_s": statistics.median(rates), "bytes_per_s_all": rates,
-          "bytes_per_cpu_s": statistics.median([t / c for t, c in zip(totals, cpus)]),
-          "ms_per_byte_per_row": 1e3 * statistics.median(walls) / max(longest, 1),
-          "bytes_per_position": totals[-1] / new_units,
-          "kv_bytes_held": held, "kv_bytes_allocated": alloc,
-          "kv_bytes_per_position": held / max(units, 1), **extra}
+    self.outs = self.sampler.generate_batch(self.prompts, self.opts)
+    self.walls.append(time.perf_counter() - start)
+    self.cpus.append(time.process_time() - cpu)
+    self.totals.append(sum(map(len, self.outs)))
+
+  def result(self) -> dict:
+    sampler, prompts, opts = self.sampler, self.prompts, self.opts
+    walls, cpus, totals = self.walls, self.cpus, self.totals
+    rates = [t / w for t, w in zip(totals, walls)]
+    units = _units(sampler)
+    # Positions the prompts alone take (START/BOS + prompt words or tokens or chunks).
+    sampler.generate_batch(prompts, SampleOptions(temperature=0.0, max_new_bytes=1))
+    base_units = _units(sampler)
+    sampler.generate_batch(prompts, opts)
+    held, alloc = kv_held(sampler.last_state)
+    new_units = max(units - base_units, 1)
+    bb = sampler.last_state.get("bb", {})
+    extra = {}
+    if "deleted_B" in bb:  # delete gate: fraction of committed words left out above it
+      extra["deleted_fraction"] = float(np.sum(np.asarray(bb["deleted_B"]))) / max(units, 1)
+    longest = max(map(len, self.outs))
+    return {"batch": self.batch, "calls": len(walls), "bytes": totals[-1],
+            "seconds": statistics.median(walls),
+            "bytes_per_s": statistics.median(rates), "bytes_per_s_all": rates,
+            "bytes_per_cpu_s": statistics.median([t / c for t, c in zip(totals, cpus)]),
+            "ms_per_byte_per_row": 1e3 * statistics.median(walls) / max(longest, 1),
+            "bytes_per_position": totals[-1] / new_units,
+            "kv_bytes_held": held, "kv_bytes_allocated": alloc,
+            "kv_bytes_per_position": held / max(units, 1), **extra}
+
+
+def time_side_by_side(samplers: dict, batch: int, opts: SampleOptions, repeats: int,
+                      min_seconds: float) -> dict[str, dict]:
+  """Per model, the timing of `batch`-row calls, the models' calls taken in turn.
+
+  Round robin, one call each, until every model has `repeats` calls and `min_seconds`
+  of them: whatever else loads the machine meanwhile loads every model alike.
+  """
+  timers = {name: _Timer(s, batch, opts) for name, s in samplers.items()}
+  while not all(t.done(repeats, min_seconds) for t in timers.values()):
+    for t in timers.values():
+      if not t.done(repeats, min_seconds):
+        t.call()
+  return {name: t.result() for name, t in timers.items()}
 
 
 @entry_point
@@ -202,13 +229,14 @@ def main(argv=None) -> int:
              "jax": jax.__version__}
   print(f"machine: {machine}", flush=True)
   rows = []
-  for name, (model, cfg, tok, source) in models.items():
-    sampler = make_sampler(model, cfg, tok, chunk_steps=args.chunk_steps)
-    for batch in [int(b) for b in args.batches.split(",")]:
-      r = {"model": name, "family": family_of(cfg).name, "source": source,
-           **_time(sampler, batch, opts, args.repeats, args.min_seconds)}
+  samplers = {name: make_sampler(model, cfg, tok, chunk_steps=args.chunk_steps)
+              for name, (model, cfg, tok, _) in models.items()}
+  for batch in [int(b) for b in args.batches.split(",")]:
+    timed = time_side_by_side(samplers, batch, opts, args.repeats, args.min_seconds)
+    for name, (_, cfg, _, source) in models.items():
       bb = cfg.model.backbone
-      r["backbone"] = f"{bb.num_layers}x{bb.d_model}"
+      r = {"model": name, "family": family_of(cfg).name, "source": source, **timed[name],
+           "backbone": f"{bb.num_layers}x{bb.d_model}"}
       rows.append(r)
       print(json.dumps(r), flush=True)
   print(f"\n{machine['platform']} ({machine['device_kind']}), new bytes per row "

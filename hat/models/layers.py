@@ -506,6 +506,10 @@ def init_kv_cache(cfg: TransformerConfig, batch: int, capacity: int,
           "length_B": jnp.zeros((batch,), jnp.int32)}
 
 
+# Below this many bytes per cache read, choosing a shorter span costs more than it saves.
+SPAN_MIN_BYTES = 2**18
+
+
 def cache_spans(capacity: int, smallest: int = 16, num: int = 4) -> list[int]:
   """How far a cached attention reads: capacity, capacity/2, ... (at most `num`, >= smallest)."""
   spans = [capacity]
@@ -559,7 +563,8 @@ def block_extend(block: Block, x_NxTxD: jax.Array, pos_NxT: jax.Array,
 
   # Read only as far as the longest row reaches (a decoding step reads the whole cache,
   # and the cache is mostly empty until a long context fills it).
-  spans = cache_spans(capacity)
+  read_bytes = rows_N.shape[0] * k_BxGxMxK[0].size * k_BxGxMxK.dtype.itemsize
+  spans = cache_spans(capacity) if read_bytes > SPAN_MIN_BYTES else [capacity]
   need = jnp.max(length_B[rows_N] + jnp.sum(keep_NxT, 1))
   att_NxTxHxK = jax.lax.switch(jnp.sum(jnp.array(spans[:-1]) < need),
                                [functools.partial(read, span) for span in spans])
