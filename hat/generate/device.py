@@ -5,7 +5,8 @@ and a `tick`: one decoding step of every row. `chunk` runs up to `chunk_steps` t
 `lax.while_loop` on the device and returns the symbols emitted per row and tick: one host
 transfer per chunk, not per byte. Rows advance independently; a row that is done, or
 whose cache is full, idles until the host refills it. The state is donated to every call,
-so caches are updated in place.
+so caches are updated in place. A sampler runs `decoding_copy(model)`, whose layer stacks
+are lists of blocks, and prefills in blocks up to the longest prompt (`prefill_blocks`).
 
 The host driver (`generate_batch`) prefills the rows from their prompts, runs chunks
 until every row is done, turns emitted symbols into bytes, applies stop strings (a row

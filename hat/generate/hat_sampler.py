@@ -19,7 +19,8 @@ gate's lower stack + gate + upper stack, whose upper cache holds only the kept w
 what `model(batch, hard=True)` attends to.
 
 A prompt is split into words; all but the last are prefilled through the encoder and
-backbone at once, the last (possibly incomplete) word through the decoder, which then
+backbone (blocks of `prefill_block` units, as far as the longest prompt of the batch
+reaches), the last (possibly incomplete) word through the decoder, which then
 continues inside it ("the quick bro" -> "wn "), so output does not depend on where the
 prompt was cut.
 """
