@@ -27,9 +27,9 @@ import numpy as np
 from flax import nnx
 
 from hat.data import layout
-from hat.models.layers import TransformerStack
 from hat.generate.sampling import (SampleOptions, cut_at_stop, row_keys, seed_scalar,
                                    stop_strings)
+from hat.models.layers import TransformerStack
 
 OVERFLOW_POLICIES = ("slide", "error")
 DECODING, WAITING, FULL, DONE = 0, 1, 2, 3  # row status
@@ -89,7 +89,7 @@ class DeviceSampler:
 
   def _fresh_state(self, seed, batch: int) -> dict:
     """Empty caches, per-row keys of `seed`, every row DONE until its prefill."""
-    return dict(self._init_state(batch), keys_BxK=row_keys(seed, batch, jnp),
+    return dict(self._init_state(batch), keys_BxK=row_keys(seed, batch),
                 status_B=jnp.full((batch,), DONE, jnp.int32),
                 nout_B=jnp.zeros((batch,), jnp.int32))
 
@@ -166,14 +166,23 @@ class DeviceSampler:
     return self.generate_batch([prompt], opts)[0]
 
 
-def prefill_blocks(step, carry, length_B: jax.Array, block: int):
-  """`carry = step(start, carry)` for start = 0, block, 2 block, ... below max(length_B).
+def prefill_blocks(step, carry, length_B: jax.Array, block: int, *arrays_BxP: jax.Array):
+  """`carry = step(pos_BxT, carry, *arrays_BxT)` over blocks of `block` positions, up to
+  max(length_B); arrays_BxT are the block's columns of each arrays_BxP.
 
   A prompt costs blocks of its own length, not the cache capacity: the trip count is a
   traced value, so one compiled loop serves every prompt length.
   """
-  num_blocks = (jnp.max(length_B) + block - 1) // block
-  return jax.lax.fori_loop(0, num_blocks, lambda i, c: step(i * block, c), carry)
+  batch = length_B.shape[0]
+
+  def one(i, carry):
+    start = i * block
+    pos_BxT = start + jnp.broadcast_to(jnp.arange(block, dtype=jnp.int32)[None],
+                                       (batch, block))
+    return step(pos_BxT, carry, *(jax.lax.dynamic_slice_in_dim(a, start, block, axis=1)
+                                  for a in arrays_BxP))
+
+  return jax.lax.fori_loop(0, (jnp.max(length_B) + block - 1) // block, one, carry)
 
 
 def padded(capacity: int, block: int) -> int:

@@ -180,24 +180,20 @@ class HATSampler(DeviceSampler):
     cd = model.compute_dtype
     block = self.prefill_block
 
-    def step(start, carry):
+    def step(pos_BxT, carry, ids_BxTxL, nb_BxT):
       bb, p_Bxd = carry
-      ids_BxTxL = jax.lax.dynamic_slice_in_dim(ids_BxUxL, start, block, axis=1)
-      nb_BxT = jax.lax.dynamic_slice_in_dim(nb_BxU, start, block, axis=1)
       words_BxTxD = encode_bucketed(model, ids_BxTxL.reshape(batch * block, slots),
                                      nb_BxT.reshape(-1)).reshape(batch, block, -1)
-      pos_BxT = start + jnp.broadcast_to(jnp.arange(block, dtype=jnp.int32)[None],
-                                         (batch, block))
       keep_BxT = rows_B[:, None] & (pos_BxT < units_B[:, None])
       p_BxTxd, bb = self.backbone.run(model, words_BxTxD, pos_BxT, bb, keep_BxT, None)
-      last_B = units_B - 1 - start
+      last_B = units_B - 1 - pos_BxT[:, 0]
       here_B = rows_B & (last_B >= 0) & (last_B < block)
       p_last_Bxd = jnp.take_along_axis(p_BxTxd, jnp.clip(last_B, 0, block - 1)[:, None, None],
                                        axis=1)[:, 0].astype(p_Bxd.dtype)
       return bb, jnp.where(here_B[:, None], p_last_Bxd, p_Bxd)
 
     bb, p_Bxd = prefill_blocks(step, (self.backbone.reset(st["bb"], rows_B), st["p_Bxd"]),
-                               jnp.where(rows_B, units_B, 0), block)
+                               jnp.where(rows_B, units_B, 0), block, ids_BxUxL, nb_BxU)
     x_BxLxd = embed(dec_table(model), word_BxL, cd).at[:, 0].set(p_Bxd.astype(cd))
     pos_BxL = jnp.broadcast_to(jnp.arange(slots, dtype=jnp.int32)[None], (batch, slots))
     # The decoder holds slots 0..n-1; the first tick feeds slot n (b_n, or p when n = 0).

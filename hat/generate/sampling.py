@@ -187,14 +187,10 @@ def seed_scalar(seed: int) -> np.ndarray:
   return np.uint32(seed) if seed >= 0 else np.int32(seed)
 
 
-def row_keys(seed, batch: int, xp=np):
-  """Raw key data per row: row b's stream depends on (seed, b) only.
-
-  `xp=jnp` keeps them on the device (inside jit, with a traced seed).
-  """
+def row_keys(seed, batch: int) -> jax.Array:
+  """Raw key data per row (the seed may be traced): row b's stream depends on (seed, b)."""
   base = jax.random.key(seed)
-  keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch))
-  return xp.asarray(jax.random.key_data(keys))
+  return jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch)))
 
 
 def split_keys(keys_BxK: jax.Array, active_B: jax.Array) -> tuple[jax.Array, jax.Array]:

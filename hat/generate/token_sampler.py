@@ -8,7 +8,6 @@ prefilled in blocks up to its length except its last token, which the first tick
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -45,13 +44,7 @@ class TokenSampler(DeviceSampler):
   def _prefill(self, model, st, rows_B, tokens_BxP, length_B):
     """All context tokens but the last into the cache, in blocks up to the longest
     context; the last is fed by the first tick."""
-    batch = tokens_BxP.shape[0]
-    block = self.prefill_block
-
-    def step(start, cache):
-      tokens_BxT = jax.lax.dynamic_slice_in_dim(tokens_BxP, start, block, axis=1)
-      pos_BxT = start + jnp.broadcast_to(jnp.arange(block, dtype=jnp.int32)[None],
-                                         (batch, block))
+    def step(pos_BxT, cache, tokens_BxT):
       x_BxTxD = embed(model.embed[...], tokens_BxT, model.compute_dtype)
       _, cache = model.backbone.extend(
           x_BxTxD, pos_NxT=pos_BxT, cache=cache,
@@ -59,7 +52,7 @@ class TokenSampler(DeviceSampler):
       return cache
 
     cache = prefill_blocks(step, reset_length(st["cache"], rows_B),
-                           jnp.where(rows_B, length_B - 1, 0), block)
+                           jnp.where(rows_B, length_B - 1, 0), self.prefill_block, tokens_BxP)
     last_B = jnp.take_along_axis(tokens_BxP, (length_B - 1)[:, None], axis=1)[:, 0]
     return {**st, "cache": cache, "tok_B": where_rows(rows_B, last_B, st["tok_B"])}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -479,12 +479,19 @@ class TransformerStack(nnx.Module):
     if rows_N is None:
       rows_N = jnp.arange(num)
     k_layers, v_layers = list(cache["k"]), list(cache["v"])
+    capacity = k_layers[0].shape[2]
+    length_N = cache["length_B"][rows_N]
+    added_N = jnp.sum(keep_NxT, axis=1, dtype=jnp.int32)
+    index_NxT, visible_NxTxM = cache_slots(length_N, keep_NxT, capacity)
+    # Read only as far as the longest row reaches (a decoding step would read the whole
+    # cache, mostly empty until a long context fills it).
+    read_bytes = num * k_layers[0][0].size * k_layers[0].dtype.itemsize
+    spans = cache_spans(capacity) if read_bytes > SPAN_MIN_BYTES else [capacity]
+    step = CacheStep(rows_N, index_NxT, visible_NxTxM, all_rows, spans,
+                     jnp.sum(jnp.array(spans[:-1]) < jnp.max(length_N + added_N)))
     for layer, block in enumerate(self.layer_blocks()):
       x_NxTxD, k_layers[layer], v_layers[layer] = block_extend(
-          block, x_NxTxD, pos_NxT, k_layers[layer], v_layers[layer], rows_N,
-          cache["length_B"], keep_NxT, all_rows)
-    added_N = jnp.sum(keep_NxT, axis=1, dtype=jnp.int32)
-    capacity = k_layers[0].shape[2]
+          block, x_NxTxD, pos_NxT, k_layers[layer], v_layers[layer], step)
     length_B = cache["length_B"].at[rows_N].add(added_N)
     y_NxTxD = self.final_norm(x_NxTxD) if self.final_norm is not None else x_NxTxD
     return y_NxTxD, {"k": k_layers, "v": v_layers,
@@ -532,41 +539,42 @@ def cache_slots(length_N: jax.Array, keep_NxT: jax.Array,
   return index_NxT, visible_NxTxM
 
 
-def block_extend(block: Block, x_NxTxD: jax.Array, pos_NxT: jax.Array,
-                 k_BxGxMxK: jax.Array, v_BxGxMxK: jax.Array, rows_N: jax.Array,
-                 length_B: jax.Array, keep_NxT: jax.Array, all_rows: bool = False
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One block over new positions with its layer's cache, written in place.
+class CacheStep(NamedTuple):
+  """What every layer of one `extend` shares: rows, write slots, visibility, read span."""
 
-  `all_rows`: rows_N is every cache row in order (N = B).
-  """
+  rows_N: jax.Array
+  index_NxT: jax.Array  # where each new position is written (capacity: dropped)
+  visible_NxTxM: jax.Array  # which cache entries each new query sees
+  all_rows: bool  # rows_N is every cache row in order (N = B)
+  spans: list[int]  # how far a read may go (`cache_spans`)
+  span_index: jax.Array  # the shortest span that holds every row
+
+
+def block_extend(block: Block, x_NxTxD: jax.Array, pos_NxT: jax.Array,
+                 k_BxGxMxK: jax.Array, v_BxGxMxK: jax.Array, step: CacheStep
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One block over new positions with its layer's cache, written in place."""
   attn = block.attn
   cd = attn.compute_dtype
-  capacity = k_BxGxMxK.shape[2]
+  rows_N = step.rows_N
   q_NxTxHxK, k_NxTxGxK, v_NxTxGxK = attn.qkv(block.attn_norm(x_NxTxD), pos_NxT)
-  index_NxT, visible_NxTxM = cache_slots(length_B[rows_N], keep_NxT, capacity)
-  row_NxT = jnp.broadcast_to(rows_N[:, None], index_NxT.shape)
+  row_NxT = jnp.broadcast_to(rows_N[:, None], step.index_NxT.shape)
   # Scatter only the new entries ("drop": a clamped write would hit valid entries).
-  k_BxGxMxK = k_BxGxMxK.at[row_NxT, :, index_NxT].set(k_NxTxGxK.astype(k_BxGxMxK.dtype),
-                                                      mode="drop")
-  v_BxGxMxK = v_BxGxMxK.at[row_NxT, :, index_NxT].set(v_NxTxGxK.astype(v_BxGxMxK.dtype),
-                                                      mode="drop")
+  k_BxGxMxK = k_BxGxMxK.at[row_NxT, :, step.index_NxT].set(
+      k_NxTxGxK.astype(k_BxGxMxK.dtype), mode="drop")
+  v_BxGxMxK = v_BxGxMxK.at[row_NxT, :, step.index_NxT].set(
+      v_NxTxGxK.astype(v_BxGxMxK.dtype), mode="drop")
 
   def read(span: int) -> jax.Array:
     """Attention over the first `span` cache entries of the N rows."""
     k_BxGxSxK, v_BxGxSxK = k_BxGxMxK[:, :, :span], v_BxGxMxK[:, :, :span]
-    if not all_rows:  # rows_N is always in range (padding repeats a row)
+    if not step.all_rows:  # rows_N is always in range (padding repeats a row)
       k_BxGxSxK = k_BxGxSxK.at[rows_N].get(mode="promise_in_bounds")
       v_BxGxSxK = v_BxGxSxK.at[rows_N].get(mode="promise_in_bounds")
     return attend(q_NxTxHxK, k_BxGxSxK.astype(cd), v_BxGxSxK.astype(cd),
-                  visible_NxTxM[..., :span], self_kv=(k_NxTxGxK, v_NxTxGxK))
+                  step.visible_NxTxM[..., :span], self_kv=(k_NxTxGxK, v_NxTxGxK))
 
-  # Read only as far as the longest row reaches (a decoding step reads the whole cache,
-  # and the cache is mostly empty until a long context fills it).
-  read_bytes = rows_N.shape[0] * k_BxGxMxK[0].size * k_BxGxMxK.dtype.itemsize
-  spans = cache_spans(capacity) if read_bytes > SPAN_MIN_BYTES else [capacity]
-  need = jnp.max(length_B[rows_N] + jnp.sum(keep_NxT, 1))
-  att_NxTxHxK = jax.lax.switch(jnp.sum(jnp.array(spans[:-1]) < need),
-                               [functools.partial(read, span) for span in spans])
+  att_NxTxHxK = jax.lax.switch(step.span_index,
+                               [functools.partial(read, span) for span in step.spans])
   x_NxTxD = x_NxTxD + attn.out(att_NxTxHxK)
   return x_NxTxD + block.mlp(block.mlp_norm(x_NxTxD)), k_BxGxMxK, v_BxGxMxK
