@@ -19,10 +19,10 @@ Each (model, batch) pair is compiled by a warm-up call, then timed over at least
 `--repeats` calls of `--new-bytes` bytes per row and at least `--min-seconds` of them
 (a batch-1 call takes milliseconds: a few of them are noise on a shared machine). The
 models' calls are taken in turn, one each, so a change in the machine's load falls on
-every model alike. The median is reported, in wall-clock bytes/s and
-in bytes per CPU second of this process (steadier on a machine shared with other jobs),
-and as milliseconds per decoded byte of a row (wall time / the longest row). Rows also
-give bytes per generated word (token, chunk) and the backbone KV cache held per word.
+every model alike. The median is reported, in wall-clock bytes/s and in bytes per CPU
+second of this process, and as milliseconds per decoded byte of a row (wall time / the
+longest row). Rows also give bytes per generated word (token, chunk) and the backbone
+KV cache held per word.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def kv_held(state: dict) -> tuple[int, int]:
       _, groups, _, head_dim = c["k"][0].shape
       per_entry = 2 * len(c["k"]) * groups * head_dim * c["k"][0].dtype.itemsize
       held += per_entry * int(np.sum(np.asarray(c["length_B"])))
-      alloc += sum(int(a.nbytes) for a in list(c["k"]) + list(c["v"]))
+      alloc += sum(int(a.nbytes) for a in c["k"] + c["v"])
     elif isinstance(c, dict):
       todo.extend(c.values())
   return held, alloc
