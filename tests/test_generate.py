@@ -216,3 +216,40 @@ def test_token_head_wider_than_tokenizer_never_samples_past_it():
   from hat.generate import rules
   banned_1xV = rules.token_banned(ByteTokenizer(), 300, np)
   assert banned_1xV[0, 259:].all() and not banned_1xV[0, :256].any()
+
+
+def test_cache_step_then_write_equals_extend():
+  """`step` reads only; `write_kv` after it gives `extend`'s output and cache, and a
+  disabled write leaves the cache as it was."""
+  from conftest import TINY_STACK
+  from hat.models.layers import TransformerStack, write_kv
+  stack = TransformerStack(TINY_STACK, causal=True, scan_layers=False, rngs=rngs(4))
+  batch, d = 3, TINY_STACK.d_model
+  x = jax.random.normal(jax.random.key(0), (batch, 5, d))
+  cache = stack.init_cache(batch, 8)
+  pos = jnp.broadcast_to(jnp.arange(4)[None], (batch, 4))
+  _, cache = stack.extend(x[:, :4], pos_NxT=pos, cache=cache,
+                          keep_NxT=jnp.array([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]], bool))
+  rows, keep = jnp.array([2, 0]), jnp.array([[True], [True]])
+  args = dict(pos_NxT=cache["length_B"][rows][:, None], cache=cache, keep_NxT=keep,
+              rows_N=rows)
+  y_ext, cache_ext = stack.extend(x[:2, 4:], **args)
+  y_step, new = stack.step(x[:2, 4:], **args)
+  np.testing.assert_allclose(y_step, y_ext, rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(write_kv(cache, new)), jax.tree.leaves(cache_ext)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(write_kv(cache, new, jnp.bool_(False))),
+                  jax.tree.leaves(cache)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(cache_ext["length_B"], [5, 2, 1])
+  with pytest.raises(ValueError, match="one position"):
+    stack.step(x[:, :2], pos_NxT=pos[:, :2], cache=cache)
+
+
+def test_output_does_not_depend_on_call_length(hat_model):
+  """Short device calls (many host round trips, refills of full caches mid-batch) and
+  long ones give the same bytes."""
+  model, cfg = hat_model
+  opts = dataclasses.replace(GREEDY, max_new_bytes=40)
+  long = HATSampler(model, cfg, max_units=6).generate_batch(PROMPTS, opts)
+  assert HATSampler(model, cfg, max_units=6, chunk_steps=3).generate_batch(PROMPTS, opts) == long

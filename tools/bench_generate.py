@@ -47,6 +47,7 @@ from hat import config as C  # noqa: E402
 from hat.cli import entry_point  # noqa: E402
 from hat.family import family_of  # noqa: E402
 from hat.generate import SampleOptions, make_sampler  # noqa: E402
+from hat.generate.device import CHUNK_STEPS  # noqa: E402
 from hat.text.codec import W_ID  # noqa: E402
 from hat.text.tokenizers import ByteTokenizer  # noqa: E402
 
@@ -190,7 +191,8 @@ def main(argv=None) -> int:
   ap.add_argument("--repeats", type=int, default=3, help="timed calls per row, at least")
   ap.add_argument("--min-seconds", type=float, default=2.0,
                   help="keep timing calls until they took this long in all (median)")
-  ap.add_argument("--chunk-steps", type=int, default=64, help="device ticks per host transfer")
+  ap.add_argument("--chunk-steps", type=int, default=CHUNK_STEPS,
+                  help="most device ticks per call (host transfer)")
   ap.add_argument("--w-scale", type=float, default=10.0,
                   help="HAT [W] logit scale for random weights (words of a few bytes)")
   ap.add_argument("--out", default="", help="JSON results file")

@@ -28,6 +28,7 @@ prompt was cut.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -38,13 +39,19 @@ from hat.config import delete_capacity
 from hat.data import layout
 from hat.family import family_of
 from hat.generate import rules
-from hat.generate.device import (DECODING, DONE, FULL, WAITING, DeviceSampler, embed,
-                                 padded, prefill_blocks, project, reset_length, where_rows)
+from hat.generate.device import (CHUNK_STEPS, DECODING, DONE, FULL, WAITING, DeviceSampler,
+                                 embed, padded, prefill_blocks, project, reset_length,
+                                 where_rows, zeros_of)
 from hat.generate.sampling import sample_on_device, split_keys
 from hat.generate.word_encoder import encode_bucketed
 from hat.models import gates
+from hat.models.layers import write_kv
 from hat.text.codec import PAD_ID, S_ID, W_ID
 from hat.text.splitter import Splitter
+
+
+# The per-row fields a word step changes (besides the backbone and decoder caches).
+WORD_STEP_FIELDS = ("next_row", "p_Bxd", "units_B", "word_BxL", "nbytes_B", "status_B")
 
 
 def dec_table(model) -> jax.Array:
@@ -69,6 +76,15 @@ class PlainBackbone:
     h, bb = model.backbone.extend(words_NxTxD, pos_NxT=pos_NxT, cache=caches["bb"],
                                   keep_NxT=keep_NxT, rows_N=rows_N)
     return project(h, model.w_dec[...], model.compute_dtype), {"bb": bb}
+
+  def step(self, model, words_Nx1xD, pos_Nx1, caches, keep_Nx1, rows_N):
+    """One unit per row, reading the caches only -> (p_Nx1xd, new entries for `write`)."""
+    h, new = model.backbone.step(words_Nx1xD, pos_NxT=pos_Nx1, cache=caches["bb"],
+                                 keep_NxT=keep_Nx1, rows_N=rows_N)
+    return project(h, model.w_dec[...], model.compute_dtype), {"bb": new}
+
+  def write(self, caches: dict, new: dict, enabled) -> dict:
+    return {"bb": write_kv(caches["bb"], new["bb"], enabled)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +129,27 @@ class DeleteGatedBackbone:
     p = project(h, model.w_dec[...], model.compute_dtype)
     return p, {"lower": lower, "upper": upper, "deleted_B": deleted_B}
 
+  def step(self, model, words_Nx1xD, pos_Nx1, caches, keep_Nx1, rows_N):
+    """One unit per row, reading the caches only -> (p_Nx1xd, new entries for `write`)."""
+    h, lower = words_Nx1xD, None
+    if model.backbone_lower is not None:
+      h, lower = model.backbone_lower.step(words_Nx1xD, pos_NxT=pos_Nx1,
+                                           cache=caches["lower"], keep_NxT=keep_Nx1,
+                                           rows_N=rows_N)
+    gone_Nx1 = gates.deleted(model.gate(h), model.gate.k) & keep_Nx1
+    h, upper = model.backbone_upper.step(h, pos_NxT=pos_Nx1, cache=caches["upper"],
+                                         keep_NxT=keep_Nx1 & ~gone_Nx1, rows_N=rows_N)
+    p = project(h, model.w_dec[...], model.compute_dtype)
+    return p, {"lower": lower, "upper": upper, "gone_N": gone_Nx1[:, 0].astype(jnp.int32)}
+
+  def write(self, caches: dict, new: dict, enabled) -> dict:
+    lower = (write_kv(caches["lower"], new["lower"], enabled)
+             if new["lower"] is not None else caches["lower"])
+    rows_N = new["upper"].rows_N
+    return {"lower": lower, "upper": write_kv(caches["upper"], new["upper"], enabled),
+            "deleted_B": caches["deleted_B"].at[rows_N].add(
+                jnp.where(enabled, new["gone_N"], 0))}
+
 
 def first_rows(select_B: jax.Array, num: int, start: jax.Array | int = 0
                ) -> tuple[jax.Array, jax.Array]:
@@ -140,7 +177,7 @@ class HATSampler(DeviceSampler):
   """Cached HAT sampler (plain or delete-gated), batched, decoding on the device."""
 
   def __init__(self, model, cfg, tokenizer=None, *, max_units: int | None = None,
-               overflow: str = "slide", word_rows: float = 0.25, chunk_steps: int = 64,
+               overflow: str = "slide", word_rows: float = 0.25, chunk_steps: int = CHUNK_STEPS,
                prefill_block: int = 16):
     del tokenizer  # words come from the splitter
     self.splitter = Splitter(cfg.data.splitter, cfg.data.max_word_bytes)
@@ -236,15 +273,28 @@ class HATSampler(DeviceSampler):
     # A word step has a fixed cost (weights, launches) that its rows share: wait until a
     # full sub-batch of finished words, or until no row is left decoding.
     run = (waiting >= self._word_batch(batch)) | ((waiting > 0) & ~jnp.any(status_B == DECODING))
-    st = jax.lax.cond(run, lambda s: self._word_step(model, s), lambda s: s, st)
+    # The branches return the small per-row fields and the backbone's new entries, which
+    # are written after the cond: a branch that returned the caches made XLA copy them.
+    word_step = functools.partial(self._word_step, model)
+    _, new_shapes = jax.eval_shape(word_step, st)
+
+    def idle(st):  # the fields as they are; new entries that `write` will not store
+      return ({k: st[k] for k in WORD_STEP_FIELDS} | {"dec_length_B": st["dec"]["length_B"]},
+              zeros_of(new_shapes))
+
+    updates, new = jax.lax.cond(run, word_step, idle, st)
+    dec = dict(st["dec"], length_B=updates.pop("dec_length_B"))
+    st = {**st, **updates, "dec": dec, "bb": self.backbone.write(st["bb"], new, run)}
     return st, sym_B, decoding_B
 
   def _word_batch(self, batch: int) -> int:
     """Rows per word step: `word_rows` of the batch, at least 1."""
     return min(batch, max(1, math.ceil(self.word_rows * batch)))
 
-  def _word_step(self, model, st):
-    """Encodes up to `word_rows` finished words and advances their rows' backbone."""
+  def _word_step(self, model, st) -> tuple[dict, dict]:
+    """Encodes up to `word_rows` finished words and advances their rows' backbone ->
+    (new values of `WORD_STEP_FIELDS` and the decoder's lengths, the backbone's new
+    entries)."""
     status_B, units_B = st["status_B"], st["units_B"]
     batch = status_B.shape[0]
     waiting_B = status_B == WAITING
@@ -252,27 +302,34 @@ class HATSampler(DeviceSampler):
     num = self._word_batch(batch)
     # Round robin from the row after the last one served: the first rows in index order
     # would starve the last rows of a busy batch (one row ran 130 ticks after the rest).
-    rows_K, valid_K = first_rows(waiting_B & ~full_B, num, st["next_row"])
-    served = jnp.sum(valid_K)
-    next_row = jnp.where(served > 0, (rows_K[jnp.maximum(served - 1, 0)] + 1) % batch,
-                         st["next_row"])
+    if num == batch:
+      # Every waiting row fits: serve them in place (a gather of the rows' caches, and
+      # at batch 1 XLA's copies around it, cost more than the step).
+      rows_K, valid_K, next_row, cache_rows = (jnp.arange(batch), waiting_B & ~full_B,
+                                               st["next_row"], None)
+    else:
+      rows_K, valid_K = first_rows(waiting_B & ~full_B, num, st["next_row"])
+      served = jnp.sum(valid_K)
+      next_row = jnp.where(served > 0, (rows_K[jnp.maximum(served - 1, 0)] + 1) % batch,
+                           st["next_row"])
+      cache_rows = rows_K
     words_KxD = encode_bucketed(model, st["word_BxL"][rows_K],
                                 jnp.where(valid_K, st["nbytes_B"][rows_K], 0))
-    p_Kx1xd, bb = self.backbone.run(model, words_KxD[:, None], units_B[rows_K][:, None],
-                                    st["bb"], valid_K[:, None], rows_K)
+    p_Kx1xd, new = self.backbone.step(model, words_KxD[:, None], units_B[rows_K][:, None],
+                                      st["bb"], valid_K[:, None], cache_rows)
     dst_K = jnp.where(valid_K, rows_K, batch)  # out of range: no write
     fresh_L = jnp.full((self.slots,), PAD_ID, jnp.int32).at[0].set(W_ID)
-    dec = st["dec"]
-    return {**st, "bb": bb, "next_row": next_row,
-            "p_Bxd": st["p_Bxd"].at[dst_K].set(p_Kx1xd[:, 0].astype(st["p_Bxd"].dtype),
-                                               mode="drop"),
-            "units_B": units_B.at[dst_K].add(1, mode="drop"),
-            "word_BxL": st["word_BxL"].at[dst_K].set(
-                jnp.broadcast_to(fresh_L, (num, self.slots)), mode="drop"),
-            "nbytes_B": st["nbytes_B"].at[dst_K].set(0, mode="drop"),
-            "dec": dict(dec, length_B=dec["length_B"].at[dst_K].set(0, mode="drop")),
-            "status_B": jnp.where(full_B, FULL,
-                                  status_B.at[dst_K].set(DECODING, mode="drop"))}
+    updates = {
+        "next_row": next_row,
+        "p_Bxd": st["p_Bxd"].at[dst_K].set(p_Kx1xd[:, 0].astype(st["p_Bxd"].dtype),
+                                           mode="drop"),
+        "units_B": units_B.at[dst_K].add(1, mode="drop"),
+        "word_BxL": st["word_BxL"].at[dst_K].set(
+            jnp.broadcast_to(fresh_L, (num, self.slots)), mode="drop"),
+        "nbytes_B": st["nbytes_B"].at[dst_K].set(0, mode="drop"),
+        "status_B": jnp.where(full_B, FULL, status_B.at[dst_K].set(DECODING, mode="drop")),
+        "dec_length_B": st["dec"]["length_B"].at[dst_K].set(0, mode="drop")}
+    return updates, new
 
   # Host side.
 

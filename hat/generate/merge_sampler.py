@@ -20,11 +20,12 @@ import numpy as np
 from hat.config import merge_capacity
 from hat.data import layout
 from hat.generate import rules
-from hat.generate.device import (DECODING, DONE, FULL, DeviceSampler, embed, project,
-                                 reset_length, where_rows)
+from hat.generate.device import (CHUNK_STEPS, DECODING, DONE, FULL, DeviceSampler, embed,
+                                 project, reset_length, where_rows, zeros_of)
 from hat.generate.hat_sampler import dec_table
 from hat.generate.sampling import sample_on_device, split_keys
 from hat.models import gates
+from hat.models.layers import write_kv
 from hat.text.codec import S_ID
 from hat.text.tokenizers import ByteTokenizer
 
@@ -33,7 +34,7 @@ class MergeSampler(DeviceSampler):
   """Cached merge-HAT sampler: online chunk boundaries, batched, decoding on the device."""
 
   def __init__(self, model, cfg, tokenizer=None, *, context_bytes: int | None = None,
-               overflow: str = "slide", chunk_steps: int = 64):
+               overflow: str = "slide", chunk_steps: int = CHUNK_STEPS):
     self.tok = tokenizer or ByteTokenizer()
     self.context = context_bytes or cfg.data.max_tokens  # [S] + bytes
     self.chunks = merge_capacity(cfg.model.gate.merge, self.context)
@@ -83,17 +84,23 @@ class MergeSampler(DeviceSampler):
     end_B = active_B & (bos_B | (p_B > 0.5) | (run_B >= self.max_chunk))
     run_B = jnp.where(active_B, jnp.where(end_B, 0, run_B), st["run_B"])
 
-    def chunk_step(carry):
-      bb, guide_Bxd = carry
+    def chunk_step(guide_Bxd):
       conf_Bx1 = gates.straight_through(p_B[:, None])
       x_Bx1xD = project(h_Bx1xd, model.w_enc[...], cd) * conf_Bx1[..., None].astype(cd)
-      hb_Bx1xD, bb = model.backbone.extend(x_Bx1xD, pos_NxT=bb["length_B"][:, None],
-                                           cache=bb, keep_NxT=end_B[:, None])
+      hb_Bx1xD, new = model.backbone.step(x_Bx1xD, pos_NxT=st["bb"]["length_B"][:, None],
+                                          cache=st["bb"], keep_NxT=end_B[:, None])
       guide_new = project(hb_Bx1xD, model.w_dec[...], cd)[:, 0]
-      return bb, jnp.where(end_B[:, None], guide_new.astype(cd), guide_Bxd)
+      return new, jnp.where(end_B[:, None], guide_new.astype(cd), guide_Bxd)
 
-    bb, guide_Bxd = jax.lax.cond(jnp.any(end_B), chunk_step, lambda c: c,
-                                 (st["bb"], st["guide_Bxd"]))
+    # The backbone's new entries are written after the cond: a branch that returned the
+    # cache made XLA copy it.
+    new_shapes, _ = jax.eval_shape(chunk_step, st["guide_Bxd"])
+    any_end = jnp.any(end_B)
+    new, guide_Bxd = jax.lax.cond(
+        any_end, chunk_step,
+        lambda g: (zeros_of(new_shapes), g),
+        st["guide_Bxd"])
+    bb = write_kv(st["bb"], new, any_end)
     span_B = jnp.where(end_B, t_B, st["span_B"])
     dec = dict(st["dec"], length_B=jnp.where(end_B, 0, st["dec"]["length_B"]))
     y_Bx1xd = embed(dec_table(model), cur_B[:, None], cd) + guide_Bxd[:, None]

@@ -13,8 +13,8 @@ import numpy as np
 
 from hat.data import layout
 from hat.generate import rules
-from hat.generate.device import (DECODING, DONE, FULL, DeviceSampler, embed, padded,
-                                 prefill_blocks, project, reset_length, where_rows)
+from hat.generate.device import (CHUNK_STEPS, DECODING, DONE, FULL, DeviceSampler, embed,
+                                 padded, prefill_blocks, project, reset_length, where_rows)
 from hat.generate.sampling import sample_on_device, split_keys
 
 
@@ -22,7 +22,7 @@ class TokenSampler(DeviceSampler):
   """Cached sampler for a BPE or byte-level LM, batched, decoding on the device."""
 
   def __init__(self, model, cfg, tokenizer, *, max_tokens: int | None = None,
-               overflow: str = "slide", chunk_steps: int = 64, prefill_block: int = 32):
+               overflow: str = "slide", chunk_steps: int = CHUNK_STEPS, prefill_block: int = 32):
     self.tok = tokenizer
     self.capacity = max_tokens or cfg.data.max_tokens
     self.prefill_block = min(prefill_block, self.capacity)

@@ -470,6 +470,43 @@ class TransformerStack(nnx.Module):
     under jit with a donated cache nothing is copied. The layers run unrolled; a scanned
     stack's weights are sliced per call (`unstack` first to decode many steps).
     """
+    step = self._cache_step(x_NxTxD, cache, keep_NxT, rows_N)
+    k_layers, v_layers = list(cache["k"]), list(cache["v"])
+    for layer, block in enumerate(self.layer_blocks()):
+      x_NxTxD, k_layers[layer], v_layers[layer] = block_extend(
+          block, x_NxTxD, pos_NxT, k_layers[layer], v_layers[layer], step)
+    length_B = cache["length_B"].at[step.rows_N].add(step.added_N)
+    return self._final(x_NxTxD), {"k": k_layers, "v": v_layers,
+                                  "length_B": jnp.minimum(length_B, step.capacity)}
+
+  def step(self, x_Nx1xD: jax.Array, *, pos_NxT: jax.Array, cache: dict,
+           keep_NxT: jax.Array | None = None,
+           rows_N: jax.Array | None = None) -> tuple[jax.Array, "KVWrite"]:
+    """`extend` by one position per row that only reads the cache -> (y_Nx1xD, new
+    entries); `write_kv` stores them.
+
+    A new position sees only older entries (and itself through `self_kv`), so the
+    write can come after every layer has read, and outside a `lax.cond` that decides
+    whether the step runs at all: a branch that returns the caches makes XLA copy them.
+    """
+    if x_Nx1xD.shape[1] != 1:
+      raise ValueError(f"step takes one position per row, got {x_Nx1xD.shape[1]}")
+    step = self._cache_step(x_Nx1xD, cache, keep_NxT, rows_N)
+    k_layers, v_layers = [], []
+    for layer, block in enumerate(self.layer_blocks()):
+      x_Nx1xD, k_Nx1xGxK, v_Nx1xGxK = block_step(
+          block, x_Nx1xD, pos_NxT, cache["k"][layer], cache["v"][layer], step)
+      k_layers.append(k_Nx1xGxK)
+      v_layers.append(v_Nx1xGxK)
+    return self._final(x_Nx1xD), KVWrite(k_layers, v_layers, step.rows_N, step.index_NxT,
+                                         step.added_N)
+
+  def _final(self, x_NxTxD: jax.Array) -> jax.Array:
+    return self.final_norm(x_NxTxD) if self.final_norm is not None else x_NxTxD
+
+  def _cache_step(self, x_NxTxD: jax.Array, cache: dict, keep_NxT: jax.Array | None,
+                  rows_N: jax.Array | None) -> "CacheStep":
+    """Rows, write slots, visibility and read span of one extend, shared by its layers."""
     if not self.causal:
       raise ValueError("a KV cache only serves causal attention")
     num, num_new = x_NxTxD.shape[:2]
@@ -478,24 +515,43 @@ class TransformerStack(nnx.Module):
     all_rows = rows_N is None and num == cache["length_B"].shape[0]
     if rows_N is None:
       rows_N = jnp.arange(num)
-    k_layers, v_layers = list(cache["k"]), list(cache["v"])
-    capacity = k_layers[0].shape[2]
+    k_buffer = cache["k"][0]
+    capacity = k_buffer.shape[2]
     length_N = cache["length_B"][rows_N]
     added_N = jnp.sum(keep_NxT, axis=1, dtype=jnp.int32)
     index_NxT, visible_NxTxM = cache_slots(length_N, keep_NxT, capacity)
     # Read only as far as the longest row reaches (a decoding step would read the whole
     # cache, mostly empty until a long context fills it).
-    read_bytes = num * k_layers[0][0].size * k_layers[0].dtype.itemsize
+    read_bytes = num * k_buffer[0].size * k_buffer.dtype.itemsize
     spans = cache_spans(capacity) if read_bytes > SPAN_MIN_BYTES else [capacity]
-    step = CacheStep(rows_N, index_NxT, visible_NxTxM, all_rows, spans,
+    return CacheStep(rows_N, index_NxT, visible_NxTxM, added_N, capacity, all_rows, spans,
                      jnp.sum(jnp.array(spans[:-1]) < jnp.max(length_N + added_N)))
-    for layer, block in enumerate(self.layer_blocks()):
-      x_NxTxD, k_layers[layer], v_layers[layer] = block_extend(
-          block, x_NxTxD, pos_NxT, k_layers[layer], v_layers[layer], step)
-    length_B = cache["length_B"].at[rows_N].add(added_N)
-    y_NxTxD = self.final_norm(x_NxTxD) if self.final_norm is not None else x_NxTxD
-    return y_NxTxD, {"k": k_layers, "v": v_layers,
-                     "length_B": jnp.minimum(length_B, capacity)}
+
+
+class KVWrite(NamedTuple):
+  """New entries of one cache step, not yet written (`TransformerStack.step`)."""
+
+  k_layers: list[jax.Array]  # (N, T, G, K) per layer
+  v_layers: list[jax.Array]
+  rows_N: jax.Array
+  index_NxT: jax.Array  # where each goes (capacity: nowhere)
+  added_N: jax.Array
+
+
+def write_kv(cache: dict, new: KVWrite, enabled: jax.Array | bool = True) -> dict:
+  """The cache with `new` written (scatters into each layer's buffer, in place under a
+  donated jit); nothing is written where `enabled` is false."""
+  capacity = cache["k"][0].shape[2]
+  index_NxT, added_N = new.index_NxT, new.added_N
+  if enabled is not True:
+    index_NxT = jnp.where(enabled, index_NxT, capacity)
+    added_N = jnp.where(enabled, added_N, 0)
+  k_layers = [_scatter(k, k_new, new.rows_N, index_NxT)
+              for k, k_new in zip(cache["k"], new.k_layers)]
+  v_layers = [_scatter(v, v_new, new.rows_N, index_NxT)
+              for v, v_new in zip(cache["v"], new.v_layers)]
+  length_B = cache["length_B"].at[new.rows_N].add(added_N)
+  return {"k": k_layers, "v": v_layers, "length_B": jnp.minimum(length_B, capacity)}
 
 
 def init_kv_cache(cfg: TransformerConfig, batch: int, capacity: int,
@@ -511,6 +567,14 @@ def init_kv_cache(cfg: TransformerConfig, batch: int, capacity: int,
   return {"k": [jnp.zeros(shape, to_dtype(dtype)) for _ in range(cfg.num_layers)],
           "v": [jnp.zeros(shape, to_dtype(dtype)) for _ in range(cfg.num_layers)],
           "length_B": jnp.zeros((batch,), jnp.int32)}
+
+
+def _scatter(buffer_BxGxMxK: jax.Array, new_NxTxGxK: jax.Array, rows_N: jax.Array,
+             index_NxT: jax.Array) -> jax.Array:
+  """New entries into a layer's buffer ("drop": a clamped write would hit valid ones)."""
+  row_NxT = jnp.broadcast_to(rows_N[:, None], index_NxT.shape)
+  return buffer_BxGxMxK.at[row_NxT, :, index_NxT].set(
+      new_NxTxGxK.astype(buffer_BxGxMxK.dtype), mode="drop")
 
 
 # Below this many bytes per cache read, choosing a shorter span costs more than it saves.
@@ -545,6 +609,8 @@ class CacheStep(NamedTuple):
   rows_N: jax.Array
   index_NxT: jax.Array  # where each new position is written (capacity: dropped)
   visible_NxTxM: jax.Array  # which cache entries each new query sees
+  added_N: jax.Array  # kept new positions per row
+  capacity: int
   all_rows: bool  # rows_N is every cache row in order (N = B)
   spans: list[int]  # how far a read may go (`cache_spans`)
   span_index: jax.Array  # the shortest span that holds every row
@@ -553,28 +619,47 @@ class CacheStep(NamedTuple):
 def block_extend(block: Block, x_NxTxD: jax.Array, pos_NxT: jax.Array,
                  k_BxGxMxK: jax.Array, v_BxGxMxK: jax.Array, step: CacheStep
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One block over new positions with its layer's cache, written in place."""
-  attn = block.attn
+  """One block over new positions with its layer's cache, written in place first (later
+  new positions see the earlier ones)."""
+  q_NxTxHxK, k_NxTxGxK, v_NxTxGxK = block.attn.qkv(block.attn_norm(x_NxTxD), pos_NxT)
+  k_BxGxMxK = _scatter(k_BxGxMxK, k_NxTxGxK, step.rows_N, step.index_NxT)
+  v_BxGxMxK = _scatter(v_BxGxMxK, v_NxTxGxK, step.rows_N, step.index_NxT)
+  att_NxTxHxK = _cached_attention(block.attn, q_NxTxHxK, k_NxTxGxK, v_NxTxGxK,
+                                  k_BxGxMxK, v_BxGxMxK, step)
+  return _block_out(block, x_NxTxD, att_NxTxHxK), k_BxGxMxK, v_BxGxMxK
+
+
+def block_step(block: Block, x_Nx1xD: jax.Array, pos_Nx1: jax.Array,
+               k_BxGxMxK: jax.Array, v_BxGxMxK: jax.Array, step: CacheStep
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One block over one new position per row, reading its layer's cache only ->
+  (y, k_Nx1xGxK, v_Nx1xGxK): the new position sees the entries already there."""
+  q_Nx1xHxK, k_Nx1xGxK, v_Nx1xGxK = block.attn.qkv(block.attn_norm(x_Nx1xD), pos_Nx1)
+  att_Nx1xHxK = _cached_attention(block.attn, q_Nx1xHxK, k_Nx1xGxK, v_Nx1xGxK,
+                                  k_BxGxMxK, v_BxGxMxK, step)
+  return _block_out(block, x_Nx1xD, att_Nx1xHxK), k_Nx1xGxK, v_Nx1xGxK
+
+
+def _cached_attention(attn: "Attention", q_NxTxHxK, k_NxTxGxK, v_NxTxGxK,
+                      k_BxGxMxK: jax.Array, v_BxGxMxK: jax.Array, step: CacheStep
+                      ) -> jax.Array:
+  """The N rows' queries over their cache entries (and their own keys), reading the
+  shortest span that holds every row (`lax.switch` over `step.spans`)."""
   cd = attn.compute_dtype
-  rows_N = step.rows_N
-  q_NxTxHxK, k_NxTxGxK, v_NxTxGxK = attn.qkv(block.attn_norm(x_NxTxD), pos_NxT)
-  row_NxT = jnp.broadcast_to(rows_N[:, None], step.index_NxT.shape)
-  # Scatter only the new entries ("drop": a clamped write would hit valid entries).
-  k_BxGxMxK = k_BxGxMxK.at[row_NxT, :, step.index_NxT].set(
-      k_NxTxGxK.astype(k_BxGxMxK.dtype), mode="drop")
-  v_BxGxMxK = v_BxGxMxK.at[row_NxT, :, step.index_NxT].set(
-      v_NxTxGxK.astype(v_BxGxMxK.dtype), mode="drop")
 
   def read(span: int) -> jax.Array:
-    """Attention over the first `span` cache entries of the N rows."""
     k_BxGxSxK, v_BxGxSxK = k_BxGxMxK[:, :, :span], v_BxGxMxK[:, :, :span]
     if not step.all_rows:  # rows_N is always in range (padding repeats a row)
-      k_BxGxSxK = k_BxGxSxK.at[rows_N].get(mode="promise_in_bounds")
-      v_BxGxSxK = v_BxGxSxK.at[rows_N].get(mode="promise_in_bounds")
+      k_BxGxSxK = k_BxGxSxK.at[step.rows_N].get(mode="promise_in_bounds")
+      v_BxGxSxK = v_BxGxSxK.at[step.rows_N].get(mode="promise_in_bounds")
     return attend(q_NxTxHxK, k_BxGxSxK.astype(cd), v_BxGxSxK.astype(cd),
                   step.visible_NxTxM[..., :span], self_kv=(k_NxTxGxK, v_NxTxGxK))
 
-  att_NxTxHxK = jax.lax.switch(step.span_index,
-                               [functools.partial(read, span) for span in step.spans])
-  x_NxTxD = x_NxTxD + attn.out(att_NxTxHxK)
-  return x_NxTxD + block.mlp(block.mlp_norm(x_NxTxD)), k_BxGxMxK, v_BxGxMxK
+  return jax.lax.switch(step.span_index, [functools.partial(read, span)
+                                          for span in step.spans])
+
+
+def _block_out(block: Block, x_NxTxD: jax.Array, att_NxTxHxK: jax.Array) -> jax.Array:
+  """The rest of a block after its attention: output projection, residuals, MLP."""
+  x_NxTxD = x_NxTxD + block.attn.out(att_NxTxHxK)
+  return x_NxTxD + block.mlp(block.mlp_norm(x_NxTxD))
