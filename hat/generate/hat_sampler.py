@@ -113,34 +113,34 @@ class DeleteGatedBackbone:
 
     rows_N: the cache rows of the N inputs; None for every row in order.
     """
-    h, lower = words_NxTxD, caches["lower"]
-    if model.backbone_lower is not None:
-      h, lower = model.backbone_lower.extend(words_NxTxD, pos_NxT=pos_NxT,
-                                             cache=caches["lower"], keep_NxT=keep_NxT,
-                                             rows_N=rows_N)
-    gone_NxT = gates.deleted(model.gate(h), model.gate.k) & keep_NxT
-    # A deleted word still runs the upper layers (its own query predicts the next word),
-    # but leaves no K/V entry there.
-    h, upper = model.backbone_upper.extend(h, pos_NxT=pos_NxT, cache=caches["upper"],
-                                           keep_NxT=keep_NxT & ~gone_NxT, rows_N=rows_N)
-    gone_N = jnp.sum(gone_NxT, 1, dtype=jnp.int32)
+    p, lower, upper, gone_N = self._through(model, "extend", words_NxTxD, pos_NxT, caches,
+                                            keep_NxT, rows_N)
     deleted_B = caches["deleted_B"] + gone_N if rows_N is None else \
         caches["deleted_B"].at[rows_N].add(gone_N)
-    p = project(h, model.w_dec[...], model.compute_dtype)
-    return p, {"lower": lower, "upper": upper, "deleted_B": deleted_B}
+    return p, {"lower": lower if lower is not None else caches["lower"], "upper": upper,
+               "deleted_B": deleted_B}
 
   def step(self, model, words_Nx1xD, pos_Nx1, caches, keep_Nx1, rows_N):
     """One unit per row, reading the caches only -> (p_Nx1xd, new entries for `write`)."""
-    h, lower = words_Nx1xD, None
+    p, lower, upper, gone_N = self._through(model, "step", words_Nx1xD, pos_Nx1, caches,
+                                            keep_Nx1, rows_N)
+    return p, {"lower": lower, "upper": upper, "gone_N": gone_N}
+
+  def _through(self, model, op: str, words_NxTxD, pos_NxT, caches, keep_NxT, rows_N):
+    """Lower stack, gate, upper stack by `op` of `TransformerStack` ("extend": updated
+    caches, "step": new entries) -> (p_NxTxd, lower, upper, deleted words per row)."""
+    h, lower = words_NxTxD, None
     if model.backbone_lower is not None:
-      h, lower = model.backbone_lower.step(words_Nx1xD, pos_NxT=pos_Nx1,
-                                           cache=caches["lower"], keep_NxT=keep_Nx1,
-                                           rows_N=rows_N)
-    gone_Nx1 = gates.deleted(model.gate(h), model.gate.k) & keep_Nx1
-    h, upper = model.backbone_upper.step(h, pos_NxT=pos_Nx1, cache=caches["upper"],
-                                         keep_NxT=keep_Nx1 & ~gone_Nx1, rows_N=rows_N)
+      h, lower = getattr(model.backbone_lower, op)(words_NxTxD, pos_NxT=pos_NxT,
+                                                   cache=caches["lower"], keep_NxT=keep_NxT,
+                                                   rows_N=rows_N)
+    gone_NxT = gates.deleted(model.gate(h), model.gate.k) & keep_NxT
+    # A deleted word still runs the upper layers (its own query predicts the next word),
+    # but leaves no K/V entry there.
+    h, upper = getattr(model.backbone_upper, op)(h, pos_NxT=pos_NxT, cache=caches["upper"],
+                                                 keep_NxT=keep_NxT & ~gone_NxT, rows_N=rows_N)
     p = project(h, model.w_dec[...], model.compute_dtype)
-    return p, {"lower": lower, "upper": upper, "gone_N": gone_Nx1[:, 0].astype(jnp.int32)}
+    return p, lower, upper, jnp.sum(gone_NxT, 1, dtype=jnp.int32)
 
   def write(self, caches: dict, new: dict, enabled) -> dict:
     lower = (write_kv(caches["lower"], new["lower"], enabled)
