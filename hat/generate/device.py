@@ -219,10 +219,14 @@ def decoding_copy(model: nnx.Module) -> nnx.Module:
   return model
 
 
-def zeros_of(shapes: Any) -> Any:
-  """Zero arrays of the shapes and dtypes of a `jax.eval_shape` result (a cond branch
-  that does nothing returns these for the other branch's outputs)."""
-  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+def cond_entries(run: jax.Array, step, unchanged, operand):
+  """`lax.cond(run, step, ...)` for a step that returns (values, new cache entries): when
+  `run` is false, (`unchanged(operand)`, zero entries, which `write_kv(..., run)` leaves
+  unwritten). The caller writes the entries after the cond: a branch that returned the
+  caches made XLA copy them at every call."""
+  _, shapes = jax.eval_shape(step, operand)
+  zeros = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+  return jax.lax.cond(run, step, lambda o: (unchanged(o), zeros()), operand)
 
 
 def where_rows(rows_B: jax.Array, new: Any, old: Any) -> Any:

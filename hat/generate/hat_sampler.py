@@ -40,8 +40,8 @@ from hat.data import layout
 from hat.family import family_of
 from hat.generate import rules
 from hat.generate.device import (CHUNK_STEPS, DECODING, DONE, FULL, WAITING, DeviceSampler,
-                                 embed, padded, prefill_blocks, project, reset_length,
-                                 where_rows, zeros_of)
+                                 cond_entries, embed, padded, prefill_blocks, project,
+                                 reset_length, where_rows)
 from hat.generate.sampling import sample_on_device, split_keys
 from hat.generate.word_encoder import encode_bucketed
 from hat.models import gates
@@ -273,16 +273,11 @@ class HATSampler(DeviceSampler):
     # A word step has a fixed cost (weights, launches) that its rows share: wait until a
     # full sub-batch of finished words, or until no row is left decoding.
     run = (waiting >= self._word_batch(batch)) | ((waiting > 0) & ~jnp.any(status_B == DECODING))
-    # The branches return the small per-row fields and the backbone's new entries, which
-    # are written after the cond: a branch that returned the caches made XLA copy them.
-    word_step = functools.partial(self._word_step, model)
-    _, new_shapes = jax.eval_shape(word_step, st)
-
-    def idle(st):  # the fields as they are; new entries that `write` will not store
-      return ({k: st[k] for k in WORD_STEP_FIELDS} | {"dec_length_B": st["dec"]["length_B"]},
-              zeros_of(new_shapes))
-
-    updates, new = jax.lax.cond(run, word_step, idle, st)
+    # The word step returns the small per-row fields and the backbone's new entries.
+    updates, new = cond_entries(
+        run, functools.partial(self._word_step, model),
+        lambda st: {k: st[k] for k in WORD_STEP_FIELDS} | {"dec_length_B": st["dec"]["length_B"]},
+        st)
     dec = dict(st["dec"], length_B=updates.pop("dec_length_B"))
     st = {**st, **updates, "dec": dec, "bb": self.backbone.write(st["bb"], new, run)}
     return st, sym_B, decoding_B
@@ -300,14 +295,13 @@ class HATSampler(DeviceSampler):
     waiting_B = status_B == WAITING
     full_B = waiting_B & (units_B >= self.max_units)
     num = self._word_batch(batch)
-    # Round robin from the row after the last one served: the first rows in index order
-    # would starve the last rows of a busy batch (one row ran 130 ticks after the rest).
     if num == batch:
-      # Every waiting row fits: serve them in place (a gather of the rows' caches, and
-      # at batch 1 XLA's copies around it, cost more than the step).
+      # Every waiting row fits: serve them in place (no gather of the rows' caches).
       rows_K, valid_K, next_row, cache_rows = (jnp.arange(batch), waiting_B & ~full_B,
                                                st["next_row"], None)
     else:
+      # Round robin from the row after the last one served: the first rows in index
+      # order would starve the last rows of a busy batch (one ran 130 ticks after the rest).
       rows_K, valid_K = first_rows(waiting_B & ~full_B, num, st["next_row"])
       served = jnp.sum(valid_K)
       next_row = jnp.where(served > 0, (rows_K[jnp.maximum(served - 1, 0)] + 1) % batch,

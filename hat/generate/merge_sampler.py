@@ -20,8 +20,8 @@ import numpy as np
 from hat.config import merge_capacity
 from hat.data import layout
 from hat.generate import rules
-from hat.generate.device import (CHUNK_STEPS, DECODING, DONE, FULL, DeviceSampler, embed,
-                                 project, reset_length, where_rows, zeros_of)
+from hat.generate.device import (CHUNK_STEPS, DECODING, DONE, FULL, DeviceSampler,
+                                 cond_entries, embed, project, reset_length, where_rows)
 from hat.generate.hat_sampler import dec_table
 from hat.generate.sampling import sample_on_device, split_keys
 from hat.models import gates
@@ -90,16 +90,10 @@ class MergeSampler(DeviceSampler):
       hb_Bx1xD, new = model.backbone.step(x_Bx1xD, pos_NxT=st["bb"]["length_B"][:, None],
                                           cache=st["bb"], keep_NxT=end_B[:, None])
       guide_new = project(hb_Bx1xD, model.w_dec[...], cd)[:, 0]
-      return new, jnp.where(end_B[:, None], guide_new.astype(cd), guide_Bxd)
+      return jnp.where(end_B[:, None], guide_new.astype(cd), guide_Bxd), new
 
-    # The backbone's new entries are written after the cond: a branch that returned the
-    # cache made XLA copy it.
-    new_shapes, _ = jax.eval_shape(chunk_step, st["guide_Bxd"])
     any_end = jnp.any(end_B)
-    new, guide_Bxd = jax.lax.cond(
-        any_end, chunk_step,
-        lambda g: (zeros_of(new_shapes), g),
-        st["guide_Bxd"])
+    guide_Bxd, new = cond_entries(any_end, chunk_step, lambda g: g, st["guide_Bxd"])
     bb = write_kv(st["bb"], new, any_end)
     span_B = jnp.where(end_B, t_B, st["span_B"])
     dec = dict(st["dec"], length_B=jnp.where(end_B, 0, st["dec"]["length_B"]))

@@ -475,9 +475,8 @@ class TransformerStack(nnx.Module):
     for layer, block in enumerate(self.layer_blocks()):
       x_NxTxD, k_layers[layer], v_layers[layer] = block_extend(
           block, x_NxTxD, pos_NxT, k_layers[layer], v_layers[layer], step)
-    length_B = cache["length_B"].at[step.rows_N].add(step.added_N)
     return self._final(x_NxTxD), {"k": k_layers, "v": v_layers,
-                                  "length_B": jnp.minimum(length_B, step.capacity)}
+                                  "length_B": _grown(cache, step.rows_N, step.added_N)}
 
   def step(self, x_Nx1xD: jax.Array, *, pos_NxT: jax.Array, cache: dict,
            keep_NxT: jax.Array | None = None,
@@ -524,7 +523,7 @@ class TransformerStack(nnx.Module):
     # cache, mostly empty until a long context fills it).
     read_bytes = num * k_buffer[0].size * k_buffer.dtype.itemsize
     spans = cache_spans(capacity) if read_bytes > SPAN_MIN_BYTES else [capacity]
-    return CacheStep(rows_N, index_NxT, visible_NxTxM, added_N, capacity, all_rows, spans,
+    return CacheStep(rows_N, index_NxT, visible_NxTxM, added_N, all_rows, spans,
                      jnp.sum(jnp.array(spans[:-1]) < jnp.max(length_N + added_N)))
 
 
@@ -550,8 +549,13 @@ def write_kv(cache: dict, new: KVWrite, enabled: jax.Array | bool = True) -> dic
               for k, k_new in zip(cache["k"], new.k_layers)]
   v_layers = [_scatter(v, v_new, new.rows_N, index_NxT)
               for v, v_new in zip(cache["v"], new.v_layers)]
-  length_B = cache["length_B"].at[new.rows_N].add(added_N)
-  return {"k": k_layers, "v": v_layers, "length_B": jnp.minimum(length_B, capacity)}
+  return {"k": k_layers, "v": v_layers, "length_B": _grown(cache, new.rows_N, added_N)}
+
+
+def _grown(cache: dict, rows_N: jax.Array, added_N: jax.Array) -> jax.Array:
+  """The cache's lengths after `added_N` entries went to `rows_N` (at most capacity)."""
+  capacity = cache["k"][0].shape[2]
+  return jnp.minimum(cache["length_B"].at[rows_N].add(added_N), capacity)
 
 
 def init_kv_cache(cfg: TransformerConfig, batch: int, capacity: int,
@@ -610,7 +614,6 @@ class CacheStep(NamedTuple):
   index_NxT: jax.Array  # where each new position is written (capacity: dropped)
   visible_NxTxM: jax.Array  # which cache entries each new query sees
   added_N: jax.Array  # kept new positions per row
-  capacity: int
   all_rows: bool  # rows_N is every cache row in order (N = B)
   spans: list[int]  # how far a read may go (`cache_spans`)
   span_index: jax.Array  # the shortest span that holds every row
