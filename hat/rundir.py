@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import sys
+import traceback
 from typing import Any
 
 import jax
@@ -22,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from hat import storage
-from hat.cli import UserError
+from hat.cli import UserError, debug_enabled
 from hat.config import TrainConfig, from_config_dict, to_dict
 
 CHECKPOINTS = "checkpoints"
@@ -125,8 +128,40 @@ def restore_item(item: storage.PathLike, target: dict) -> dict:
   hat.train.recovery, which decides on the step together).
   """
   item = storage.path(item)
+  if not debug_enabled():
+    logging.getLogger("asyncio").addFilter(_drop_unretrieved_read_errors)  # added once
+    if not isinstance(sys.unraisablehook, _QuietClosedLoop):
+      sys.unraisablehook = _QuietClosedLoop(sys.unraisablehook)
   check_fits(item, target)
   return ocp.StandardCheckpointHandler().restore(item, args=ocp.args.StandardRestore(target))
+
+
+def _drop_unretrieved_read_errors(record: logging.LogRecord) -> bool:
+  """A failed restore re-raises its first unreadable shard to the caller (which reports
+  it in one line); the other shards' reads end in tasks and futures nobody awaits, which
+  asyncio logs with their tracebacks when it collects them (often at exit). Those go."""
+  message = record.getMessage()
+  if "exception was never retrieved" not in message:
+    return True
+  tb = "".join(traceback.format_tb(record.exc_info[2])) if record.exc_info else ""
+  return not any(s in message + tb for s in ("orbax", "OCDBT", "TensorStore"))
+
+
+class _QuietClosedLoop:
+  """`sys.unraisablehook` that drops what the unawaited reads of a failed restore raise
+  when they finish after orbax closed its event loop (TensorStore calls back into the
+  closed loop from its own threads: ~200 lines of tracebacks around the one-line error);
+  everything else goes to the previous hook."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable):
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) ==
+        "Event loop is closed" and frames and frames[0].name == "call_soon_threadsafe"):
+      return
+    self.previous(unraisable)
 
 
 def restore_model_pure(step_dir: storage.PathLike, abstract_pure: dict) -> dict:

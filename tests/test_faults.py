@@ -9,6 +9,7 @@ runs keeps each restart short.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import shutil
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -155,10 +157,48 @@ def test_no_checkpoint_restores_stops_and_moves_nothing(tmp_path, train_data, re
   for step in (3, 6):
     _truncate_latest_model_file(tmp_path, step)
   assert _train_main(tmp_path, train_data, monkeypatch) == 2
+  # The other shards' failed reads are tasks nobody awaited; asyncio logs them (with
+  # tracebacks) when it collects them: collect now, so that they would show here.
+  gc.collect()
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: no checkpoint in "), err
   assert "6: ValueError: OUT_OF_RANGE" in err[0] and "3: ValueError: OUT_OF_RANGE" in err[0]
   assert checkpoint_steps(tmp_path) == [3, 6] and _bad(tmp_path) == []
+
+
+def test_unawaited_shard_read_errors_are_not_logged():
+  import logging
+
+  from hat.rundir import _QuietClosedLoop, _drop_unretrieved_read_errors
+
+  def record(message, code_file):
+    try:
+      exec(compile("raise ValueError('OUT_OF_RANGE')", code_file, "exec"))  # pylint: disable=exec-used
+    except ValueError:
+      exc_info = sys.exc_info()
+    return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, (), exc_info)
+
+  orbax_read = "/site-packages/orbax/checkpoint/_src/serialization/serialization.py"
+  assert not _drop_unretrieved_read_errors(
+      record("Task exception was never retrieved\nfuture: <Task>", orbax_read))
+  assert not _drop_unretrieved_read_errors(record(
+      'Future exception was never retrieved\nfuture: <Future finished exception=ValueError('
+      '"OUT_OF_RANGE: Error reading x in OCDBT database")>', "mine.py"))
+  assert _drop_unretrieved_read_errors(record("Task exception was never retrieved", "mine.py"))
+  assert _drop_unretrieved_read_errors(record("Unclosed client session", orbax_read))
+
+  def call_soon_threadsafe(message):  # as asyncio's, on a loop orbax has closed
+    raise RuntimeError(message)
+
+  seen = []
+  hook = _QuietClosedLoop(seen.append)
+  for message in ("Event loop is closed", "something else"):
+    try:
+      call_soon_threadsafe(message)
+    except RuntimeError as e:
+      hook(types.SimpleNamespace(exc_type=RuntimeError, exc_value=e,
+                                 exc_traceback=e.__traceback__.tb_next, object=None))
+  assert [str(u.exc_value) for u in seen] == ["something else"]
 
 
 def test_checkpoint_of_another_model_names_the_parameter_and_both_shapes(
