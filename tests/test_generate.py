@@ -187,6 +187,23 @@ def test_sample_on_device_follows_the_distribution():
   assert freq[1] == 0 and np.abs(freq - probs).max() < 0.03, freq
 
 
+def test_top_k_by_rejection_follows_the_renormalised_distribution():
+  # Even rows: the top 2 hold 80% of the mass (first or second round of draws); odd rows:
+  # 3.5% (nearly always the exact path). Both must give p restricted to the top 2.
+  high = np.array([0.5, 0.3, 0.1, 0.1] + [0.0] * 96)
+  low = np.array([0.02, 0.015] + [0.965 / 98] * 98)
+  rows = 4000
+  logits_BxV = jnp.log(jnp.asarray(np.where(np.arange(rows)[:, None] % 2 == 0, high, low),
+                                   jnp.float32))
+  keys = jax.random.key_data(jax.random.split(jax.random.key(2), rows))
+  out = np.asarray(sample_on_device(logits_BxV, keys, jnp.float32(1.0), jnp.int32(2),
+                                    jnp.float32(1.0)))
+  for parity, probs in ((0, high), (1, low)):
+    freq = np.bincount(out[parity::2], minlength=100) / (rows // 2)
+    want = np.where(np.arange(100) < 2, probs, 0.0)
+    assert np.abs(freq - want / want.sum()).max() < 0.04, (parity, freq[:4])
+
+
 def test_first_rows_and_marker_encoder_equal_the_full_ones():
   from hat.generate.device import embed, project
   from hat.generate.hat_sampler import first_rows
