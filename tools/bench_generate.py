@@ -17,17 +17,20 @@ word lengths and real `[W]` / gate decisions.
 
 Each (model, batch) pair is compiled by a warm-up call, then timed over at least
 `--repeats` calls of `--new-bytes` bytes per row and at least `--min-seconds` of them
-(a batch-1 call takes milliseconds: a few of them are noise on a shared machine). The
-models' calls are taken in turn, one each, so a change in the machine's load falls on
-every model alike. The median is reported, in wall-clock bytes/s and in bytes per CPU
-second of this process, and as milliseconds per decoded byte of a row (wall time / the
-longest row). Rows also give bytes per generated word (token, chunk) and the backbone
-KV cache held per word.
+(a batch-1 call takes milliseconds: a few of them are noise on a shared machine). Call i
+samples with seed i, the same seeds for every model: the speed of one call depends on
+the word (token) lengths it happened to draw. The models' calls are taken in turn, one
+each, so a change in the machine's load falls on every model alike. The median is
+reported, in wall-clock bytes/s and in bytes per CPU second of this process, and as
+milliseconds per decoded byte of a row (wall time / the longest row). Rows also give
+bytes per generated word (token, chunk; over all timed calls) and the backbone KV cache
+held per word.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -120,29 +123,34 @@ class _Timer:
     self.sampler, self.batch, self.opts = sampler, batch, opts
     self.prompts = [PROMPT[: len(PROMPT) - (i % 7)] for i in range(batch)]
     sampler.generate_batch(self.prompts[:1] * batch, opts)  # compiles every step function
-    self.walls, self.cpus, self.totals = [], [], []
+    self.walls, self.cpus, self.totals, self.units = [], [], [], []
 
   def done(self, repeats: int, min_seconds: float) -> bool:
     return len(self.walls) >= repeats and sum(self.walls) >= min_seconds
 
   def call(self) -> None:
+    # Call i samples with seed i: one draw of a batch-1 call decides its word (token)
+    # lengths and so its speed; every model sees the same seeds, and the median covers
+    # many samples.
+    opts = dataclasses.replace(self.opts, seed=self.opts.seed + len(self.walls))
     start, cpu = time.perf_counter(), time.process_time()
-    self.outs = self.sampler.generate_batch(self.prompts, self.opts)
+    self.outs = self.sampler.generate_batch(self.prompts, opts)
     self.walls.append(time.perf_counter() - start)
     self.cpus.append(time.process_time() - cpu)
     self.totals.append(sum(map(len, self.outs)))
+    self.units.append(_units(self.sampler))
 
   def result(self) -> dict:
     sampler, prompts, opts = self.sampler, self.prompts, self.opts
     walls, cpus, totals = self.walls, self.cpus, self.totals
     rates = [t / w for t, w in zip(totals, walls)]
-    units = _units(sampler)
+    units = self.units[-1]
     # Positions the prompts alone take (START/BOS + prompt words or tokens or chunks).
     sampler.generate_batch(prompts, SampleOptions(temperature=0.0, max_new_bytes=1))
     base_units = _units(sampler)
     sampler.generate_batch(prompts, opts)
     held, alloc = kv_held(sampler.last_state)
-    new_units = max(units - base_units, 1)
+    new_units = sum(max(u - base_units, 1) for u in self.units)
     bb = sampler.last_state.get("bb", {})
     extra = {}
     if "deleted_B" in bb:  # delete gate: fraction of committed words left out above it
@@ -153,7 +161,7 @@ class _Timer:
             "bytes_per_s": statistics.median(rates), "bytes_per_s_all": rates,
             "bytes_per_cpu_s": statistics.median([t / c for t, c in zip(totals, cpus)]),
             "ms_per_byte_per_row": 1e3 * statistics.median(walls) / max(longest, 1),
-            "bytes_per_position": totals[-1] / new_units,
+            "bytes_per_position": sum(totals) / new_units,
             "kv_bytes_held": held, "kv_bytes_allocated": alloc,
             "kv_bytes_per_position": held / max(units, 1), **extra}
 
