@@ -204,6 +204,23 @@ def test_top_k_by_rejection_follows_the_renormalised_distribution():
     assert np.abs(freq - want / want.sum()).max() < 0.04, (parity, freq[:4])
 
 
+def test_bench_sampling_times_both_paths(tmp_path):
+  import importlib.util
+  import json
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_sampling.py"
+  spec = importlib.util.spec_from_file_location("bench_sampling", path)
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  out = tmp_path / "sampling.json"
+  assert tool.main(["--vocabs", "259", "--batches", "2", "--scales", "0.5,8", "--draws", "3",
+                    "--repeats", "1", "--top-k", "5", "--out", str(out)]) == 0
+  rows = json.loads(out.read_text())["results"]
+  assert [r["scale"] for r in rows] == [0.5, 8.0]
+  assert rows[0]["top_k_mass"] < 0.2 < 0.9 < rows[1]["top_k_mass"]
+  assert all(r["exact_us"] > 0 and r["rejection_us"] > 0 for r in rows)
+
+
 def test_first_rows_and_marker_encoder_equal_the_full_ones():
   from hat.generate.device import embed, project
   from hat.generate.hat_sampler import first_rows
