@@ -85,6 +85,23 @@ def init_distributed(args: argparse.Namespace) -> None:
     jax.distributed.initialize()
 
 
+class _StderrHandler(logging.StreamHandler):
+  """Writes to whatever `sys.stderr` is at each record: a caller that runs `main`
+  in-process and then swaps or closes its stderr (a notebook, a test) would otherwise
+  leave the root logger writing to a closed stream ("--- Logging error ---")."""
+
+  def __init__(self):
+    super().__init__(sys.stderr)
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, _):
+    pass
+
+
 def _drop_orbax_writer_traceback(record: logging.LogRecord) -> bool:
   """Orbax logs its writer thread's exception with a traceback, then re-raises it to the
   trainer, which reports it as one CheckpointWriteError line naming the folder."""
@@ -106,7 +123,8 @@ def main(argv: list[str]) -> int:
 
   primary = jax.process_index() == 0
   logging.basicConfig(level=logging.INFO if primary else logging.WARNING,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                      handlers=[_StderrHandler()], force=True)
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   if not debug_enabled():
