@@ -98,6 +98,13 @@ def test_inference_user_errors(tmp_path, reference_run, capsys, monkeypatch):
   assert "no checkpoint under" in _one_error_line(capsys.readouterr().err)
   assert generate_main(["--workdir", str(tmp_path), "--prompt", "x"]) == 2
   assert "no checkpoint under" in _one_error_line(capsys.readouterr().err)
+  # Sampling options are checked before the checkpoint is looked for.
+  for flags, expect in ((["--temperature", "nan"], "temperature must be finite"),
+                        (["--top-p", "nan"], "top_p must be in (0, 1]"),
+                        (["--top-k", "-1"], "top_k must be an integer >= 0"),
+                        (["--seed", str(2**40)], "seed must be an integer that fits")):
+    assert generate_main(["--workdir", str(tmp_path), *flags]) == 2
+    assert expect in _one_error_line(capsys.readouterr().err)
   assert robustness_main(["--run", f"a={tmp_path}", "--out", str(tmp_path / "o")]) == 2
   _one_error_line(capsys.readouterr().err)
   assert evaluate_main(["--workdir", str(reference_run), "--eval", "no_such_set",

@@ -204,6 +204,18 @@ def test_top_k_by_rejection_follows_the_renormalised_distribution():
     assert np.abs(freq - want / want.sum()).max() < 0.04, (parity, freq[:4])
 
 
+def test_sample_options_are_checked_once():
+  from hat.cli import UserError
+  assert SampleOptions(stop="\n").stop == ("\n",)  # one string, not its characters
+  assert SampleOptions(stop=["a", "b"]).stop == ("a", "b")
+  for bad in (dict(temperature=float("nan")), dict(temperature=-1.0),
+              dict(temperature=float("inf")), dict(top_p=0.0), dict(top_p=float("nan")),
+              dict(top_k=-1), dict(top_k=2.5), dict(seed=2**32), dict(seed=-2**31 - 1),
+              dict(stop=(b"x",))):
+    with pytest.raises(UserError):
+      SampleOptions(**bad)
+
+
 def test_bench_sampling_times_both_paths(tmp_path):
   import importlib.util
   import json

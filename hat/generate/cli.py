@@ -36,15 +36,14 @@ def main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   if args.max_new_bytes < 0:
     parser.error(f"--max-new-bytes must be >= 0, got {args.max_new_bytes}")
-  if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-    parser.error("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+  # Checked before the checkpoint loads: a bad option fails in one line, at once.
+  opts = SampleOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       max_new_bytes=args.max_new_bytes, stop=tuple(args.stop),
+                       seed=args.seed)
 
   from hat.rundir import load_for_inference  # pylint: disable=g-import-not-at-top
   model, cfg, tokenizer = load_for_inference(args.workdir)
   sampler = make_sampler(model, cfg, tokenizer, cached=not args.no_cache)
-  opts = SampleOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       max_new_bytes=args.max_new_bytes, stop=tuple(args.stop),
-                       seed=args.seed)
   # os.fsencode keeps the original bytes of arguments that were not valid UTF-8.
   prompts = [os.fsencode(p) for p in (args.prompt or [cfg.sample_prompt])]
   news = sampler.generate_batch(prompts, opts)

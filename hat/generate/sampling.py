@@ -8,11 +8,14 @@ output does not depend on the other rows of its batch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from hat.cli import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +28,27 @@ class SampleOptions:
   max_new_bytes: int = 200
   stop: tuple[str, ...] = ()
   seed: int = 0
+
+  def __post_init__(self):
+    """Checks every option once, so a bad one fails here in one line, not as NaN logits
+    or NUL bytes deep in the decode loop; a single stop string becomes a 1-tuple."""
+    if isinstance(self.stop, (str, bytes)):
+      object.__setattr__(self, "stop", (self.stop,))
+    else:
+      object.__setattr__(self, "stop", tuple(self.stop))
+    if not math.isfinite(self.temperature) or self.temperature < 0:
+      raise UserError(f"temperature must be finite and >= 0 (0 = greedy), got "
+                      f"{self.temperature}")
+    if not 0 < self.top_p <= 1:  # NaN fails too
+      raise UserError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+    if int(self.top_k) != self.top_k or self.top_k < 0:
+      raise UserError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
+    if int(self.max_new_bytes) != self.max_new_bytes:
+      raise UserError(f"max_new_bytes must be an integer, got {self.max_new_bytes}")
+    if int(self.seed) != self.seed or not -2**31 <= self.seed < 2**32:
+      raise UserError(f"seed must be an integer that fits in 32 bits, got {self.seed}")
+    if not all(isinstance(s, str) for s in self.stop):
+      raise UserError(f"stop strings must be str, got {self.stop!r}")
 
   @property
   def greedy(self) -> bool:
