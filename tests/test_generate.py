@@ -204,6 +204,27 @@ def test_top_k_by_rejection_follows_the_renormalised_distribution():
     assert np.abs(freq - want / want.sum()).max() < 0.04, (parity, freq[:4])
 
 
+def test_top_p_by_rejection_follows_the_nucleus():
+  # Even rows: a peaked distribution; odd rows: a flat one. top_p 0.5 keeps, per row, the
+  # likeliest symbols holding >= half the mass (ties of the last one kept).
+  peaked = np.array([0.45, 0.2, 0.1, 0.1] + [0.15 / 96] * 96)
+  flat = np.array([0.05, 0.05, 0.04, 0.03] + [0.83 / 96] * 96)
+  rows = 4000
+  logits_BxV = jnp.log(jnp.asarray(np.where(np.arange(rows)[:, None] % 2 == 0, peaked, flat),
+                                   jnp.float32))
+  keys = jax.random.key_data(jax.random.split(jax.random.key(3), rows))
+  out = np.asarray(sample_on_device(logits_BxV, keys, jnp.float32(1.0), jnp.int32(0),
+                                    jnp.float32(0.5)))
+  for parity, probs in ((0, peaked), (1, flat)):
+    order = np.argsort(-probs, kind="stable")
+    kept = np.zeros(100, bool)
+    kept[order[np.cumsum(probs[order]) - probs[order] < 0.5]] = True
+    kept |= np.isin(probs, probs[kept].min())  # ties of the last kept symbol
+    want = np.where(kept, probs, 0.0)
+    freq = np.bincount(out[parity::2], minlength=100) / (rows // 2)
+    assert np.abs(freq - want / want.sum()).max() < 0.04, (parity, freq[:8])
+
+
 def test_sample_options_are_checked_once():
   from hat.cli import UserError
   assert SampleOptions(stop="\n").stop == ("\n",)  # one string, not its characters
@@ -229,8 +250,12 @@ def test_bench_sampling_times_both_paths(tmp_path):
                     "--repeats", "1", "--top-k", "5", "--out", str(out)]) == 0
   rows = json.loads(out.read_text())["results"]
   assert [r["scale"] for r in rows] == [0.5, 8.0]
-  assert rows[0]["top_k_mass"] < 0.2 < 0.9 < rows[1]["top_k_mass"]
+  assert rows[0]["kept_mass"] < 0.2 < 0.9 < rows[1]["kept_mass"]
   assert all(r["exact_us"] > 0 and r["rejection_us"] > 0 for r in rows)
+  assert tool.main(["--vocabs", "259", "--batches", "2", "--scales", "1", "--draws", "3",
+                    "--repeats", "1", "--top-p", "0.9", "--out", str(out)]) == 0
+  row, = json.loads(out.read_text())["results"]
+  assert row["kept"] == "top-p 0.9" and row["kept_mass"] >= 0.9
 
 
 def test_first_rows_and_marker_encoder_equal_the_full_ones():

@@ -97,16 +97,17 @@ def sample_on_device(logits_BxV: jax.Array, keys_BxK: jax.Array, temperature: ja
       lambda l: _sample(l, keys_BxK, temperature, top_k, top_p), logits_BxV)
 
 
-# Draws per row in the second round of the top-k fast path (one vectorised pass); rows
-# that drew no symbol of their top k in either round take the exact path.
+# Draws per row in the second round of sampling by rejection (one vectorised pass); rows
+# that drew no kept symbol in either round take the exact path.
 SECOND_ROUND_DRAWS = 4
 
 
 def _sample(logits_BxV, keys_BxK, temperature, top_k, top_p) -> jax.Array:
-  """Temperature, then top-k (by rejection without top-p), then top-p, then a draw."""
+  """Temperature, then top-k and top-p (by rejection when only one is on), then a draw."""
   z_BxV = logits_BxV.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
-  return jax.lax.cond(top_p < 1.0, _sample_exact, _sample_top_k_by_rejection,
-                      z_BxV, keys_BxK, top_k, top_p)
+  both = (top_p < 1.0) & (top_k > 0) & (top_k < z_BxV.shape[-1])
+  return jax.lax.cond(both, _sample_exact, _sample_by_rejection, z_BxV, keys_BxK, top_k,
+                      top_p)
 
 
 def _sample_exact(z_BxV, keys_BxK, top_k, top_p) -> jax.Array:
@@ -131,50 +132,63 @@ def _sample_exact(z_BxV, keys_BxK, top_k, top_p) -> jax.Array:
   return _draw(probs_BxV, _cumsum(probs_BxV), u_Bx1)[:, 0]
 
 
-def _sample_top_k_by_rejection(z_BxV, keys_BxK, top_k, top_p) -> jax.Array:
-  """Top-k sampling (without top-p) as draws from the full distribution, keeping a row's
-  first draw that lies in its top k.
+def _sample_by_rejection(z_BxV, keys_BxK, top_k, top_p) -> jax.Array:
+  """Top-k or top-p sampling (one of them, or neither) as draws from the full
+  distribution, keeping a row's first draw that lies in its kept set S.
 
-  A draw from p conditioned on landing in the top-k set S is a draw from p restricted to
-  S and renormalised: exactly top-k sampling. Symbol i is in S when fewer than k symbols
-  have a larger logit (ties of the k-th stay, as in `pick`): one counting pass per draw,
-  where the k-th largest logit takes a bisection of 8-32 passes. Each row draws once;
-  if any row missed S, every row draws `SECOND_ROUND_DRAWS` more (its own key, folded);
-  rows that missed every time take the exact path. The result is exact top-k sampling in
-  every case; on a trained model a top-50 set holds most of the mass, so most ticks end
-  after the first round. `tools/bench_sampling.py`, 32 x 259 symbols, top-k 50: 54
-  against 95 us per draw with 97% of the mass in S, but 131 against 97 us with 55%
-  (flat distributions pay for the rounds that miss, then the exact path).
+  A draw from p conditioned on landing in S is a draw from p restricted to S and
+  renormalised: exactly top-k (top-p) sampling. Symbol i is in the top-k set when fewer
+  than k symbols have a larger logit (ties of the k-th stay, as in `pick`), in the top-p
+  set when the symbols more likely than i hold less than top_p of the mass (ties of the
+  last one stay, as in `_nucleus_threshold`): one pass per draw, where a threshold takes
+  a bisection of 8-32 passes. Each row draws once; if any row missed S, every row draws
+  `SECOND_ROUND_DRAWS` more (its own key, folded); rows that missed every time take the
+  exact path. The result is exact in every case. A top-p set holds at least top_p of the
+  mass, so a draw lands in it with probability >= top_p whatever the distribution; a
+  top-k set holds most of the mass of a trained model but little of a flat one.
+  `tools/bench_sampling.py`, 32 x 259 symbols, top-k 50: 54 against 95 us per draw with
+  97% of the mass in S, but 131 against 97 us with 55% (flat distributions pay for the
+  rounds that miss, then the exact path).
   """
-  del top_p  # 1: off
   vocab = z_BxV.shape[-1]
   probs_BxV = jax.nn.softmax(z_BxV, axis=-1)
   cdf_BxV = _cumsum(probs_BxV)
   keys = jax.random.wrap_key_data(keys_BxK)
   topk_on = (top_k > 0) & (top_k < vocab)
+  topp_on = top_p < 1.0
 
   def in_top_k(index_BxR):
     z_drawn_BxR = jnp.take_along_axis(z_BxV, index_BxR, axis=1)
-    larger_BxR = jnp.sum(z_BxV[:, None, :] > z_drawn_BxR[:, :, None], axis=-1)
-    return (larger_BxR < top_k) | ~topk_on
+    return jnp.sum(z_BxV[:, None, :] > z_drawn_BxR[:, :, None], axis=-1) < top_k
+
+  def in_top_p(index_BxR):
+    p_drawn_BxR = jnp.take_along_axis(probs_BxV, index_BxR, axis=1)
+    likelier_BxR = jnp.sum(jnp.where(probs_BxV[:, None, :] > p_drawn_BxR[:, :, None],
+                                     probs_BxV[:, None, :], 0.0), axis=-1)
+    return likelier_BxR < top_p
+
+  def in_set(index_BxR):
+    """Whether each drawn symbol is kept (a pass over the vocabulary per filter on)."""
+    every_BxR = lambda i: jnp.ones(i.shape, jnp.bool_)
+    return (jax.lax.cond(topk_on, in_top_k, every_BxR, index_BxR)
+            & jax.lax.cond(topp_on, in_top_p, every_BxR, index_BxR))
 
   u_Bx1 = jax.vmap(jax.random.uniform)(keys)[:, None]
   index_B = _draw(probs_BxV, cdf_BxV, u_Bx1)[:, 0]
-  found_B = in_top_k(index_B[:, None])[:, 0]
+  found_B = in_set(index_B[:, None])[:, 0]
 
   def second_round(_):
     u_BxR = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1),
                                                   (SECOND_ROUND_DRAWS,)))(keys)
     index_BxR = _draw(probs_BxV, cdf_BxV, u_BxR)
-    ok_BxR = in_top_k(index_BxR)
+    ok_BxR = in_set(index_BxR)
     again_B = jnp.take_along_axis(index_BxR, jnp.argmax(ok_BxR, axis=1)[:, None], axis=1)[:, 0]
     found2_B = found_B | jnp.any(ok_BxR, axis=1)
     picked_B = jnp.where(found_B, index_B, again_B)
 
     def exact(_):
       fresh_BxK = jax.random.key_data(jax.vmap(lambda k: jax.random.fold_in(k, 2))(keys))
-      return jnp.where(found2_B, picked_B,
-                       _sample_exact(z_BxV, fresh_BxK, top_k, jnp.float32(1.0)))
+      return jnp.where(found2_B, picked_B, _sample_exact(z_BxV, fresh_BxK, top_k, top_p))
 
     return jax.lax.cond(jnp.all(found2_B), lambda _: picked_B, exact, None)
 
