@@ -187,21 +187,25 @@ def test_sample_on_device_follows_the_distribution():
   assert freq[1] == 0 and np.abs(freq - probs).max() < 0.03, freq
 
 
+def _sample_alternating_rows(even_V, odd_V, top_k, top_p, seed, rows=4000):
+  """Samples `rows` rows whose distributions alternate even_V, odd_V -> (even, odd) draws."""
+  logits_BxV = jnp.log(jnp.asarray(np.where(np.arange(rows)[:, None] % 2 == 0, even_V, odd_V),
+                                   jnp.float32))
+  keys = jax.random.key_data(jax.random.split(jax.random.key(seed), rows))
+  out = np.asarray(sample_on_device(logits_BxV, keys, jnp.float32(1.0), jnp.int32(top_k),
+                                    jnp.float32(top_p)))
+  return out[0::2], out[1::2]
+
+
 def test_top_k_by_rejection_follows_the_renormalised_distribution():
   # Even rows: the top 2 hold 80% of the mass (first or second round of draws); odd rows:
   # 3.5% (nearly always the exact path). Both must give p restricted to the top 2.
   high = np.array([0.5, 0.3, 0.1, 0.1] + [0.0] * 96)
   low = np.array([0.02, 0.015] + [0.965 / 98] * 98)
-  rows = 4000
-  logits_BxV = jnp.log(jnp.asarray(np.where(np.arange(rows)[:, None] % 2 == 0, high, low),
-                                   jnp.float32))
-  keys = jax.random.key_data(jax.random.split(jax.random.key(2), rows))
-  out = np.asarray(sample_on_device(logits_BxV, keys, jnp.float32(1.0), jnp.int32(2),
-                                    jnp.float32(1.0)))
-  for parity, probs in ((0, high), (1, low)):
-    freq = np.bincount(out[parity::2], minlength=100) / (rows // 2)
+  for probs, drawn in zip((high, low), _sample_alternating_rows(high, low, 2, 1.0, seed=2)):
+    freq = np.bincount(drawn, minlength=100) / len(drawn)
     want = np.where(np.arange(100) < 2, probs, 0.0)
-    assert np.abs(freq - want / want.sum()).max() < 0.04, (parity, freq[:4])
+    assert np.abs(freq - want / want.sum()).max() < 0.04, freq[:4]
 
 
 def test_top_p_by_rejection_follows_the_nucleus():
@@ -209,20 +213,15 @@ def test_top_p_by_rejection_follows_the_nucleus():
   # likeliest symbols holding >= half the mass (ties of the last one kept).
   peaked = np.array([0.45, 0.2, 0.1, 0.1] + [0.15 / 96] * 96)
   flat = np.array([0.05, 0.05, 0.04, 0.03] + [0.83 / 96] * 96)
-  rows = 4000
-  logits_BxV = jnp.log(jnp.asarray(np.where(np.arange(rows)[:, None] % 2 == 0, peaked, flat),
-                                   jnp.float32))
-  keys = jax.random.key_data(jax.random.split(jax.random.key(3), rows))
-  out = np.asarray(sample_on_device(logits_BxV, keys, jnp.float32(1.0), jnp.int32(0),
-                                    jnp.float32(0.5)))
-  for parity, probs in ((0, peaked), (1, flat)):
+  for probs, drawn in zip((peaked, flat), _sample_alternating_rows(peaked, flat, 0, 0.5,
+                                                                    seed=3)):
     order = np.argsort(-probs, kind="stable")
     kept = np.zeros(100, bool)
     kept[order[np.cumsum(probs[order]) - probs[order] < 0.5]] = True
     kept |= np.isin(probs, probs[kept].min())  # ties of the last kept symbol
     want = np.where(kept, probs, 0.0)
-    freq = np.bincount(out[parity::2], minlength=100) / (rows // 2)
-    assert np.abs(freq - want / want.sum()).max() < 0.04, (parity, freq[:8])
+    freq = np.bincount(drawn, minlength=100) / len(drawn)
+    assert np.abs(freq - want / want.sum()).max() < 0.04, freq[:8]
 
 
 def test_sample_options_are_checked_once():

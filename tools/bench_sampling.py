@@ -10,9 +10,9 @@ the exact path (bisection for the threshold, then a draw) for rows that missed. 
 depends on how much of the mass the kept set holds (a top-p set: at least top_p); the
 exact path's does not.
 Logits are Gaussian times `--scales` (larger: more mass in the top k); each row of the
-table gives the mean top-k mass and microseconds per batched draw of either path, timed
-as a compiled loop of `--draws` draws (best of `--repeats` loops), the logits changing
-every draw so nothing is hoisted out of the loop.
+table gives the mean mass of the kept set and microseconds per batched draw of either
+path, timed as a compiled loop of `--draws` draws (best of `--repeats` loops), the
+logits changing every draw so nothing is hoisted out of the loop.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ PATHS = {"exact": sampling._sample_exact,  # pylint: disable=protected-access
 
 
 def _draw_loop(path, draws: int):
-  """A jitted loop of `draws` top-k draws of one path (logits scaled a little each draw)."""
+  """A jitted loop of `draws` draws of one path (logits scaled a little each draw)."""
 
   def run(z_BxV, keys_BxK, top_k, top_p):
     def body(i, acc):
