@@ -236,14 +236,19 @@ def test_sample_options_are_checked_once():
       SampleOptions(**bad)
 
 
-def test_bench_sampling_times_both_paths(tmp_path):
+def _tool(name: str):
   import importlib.util
-  import json
   import pathlib
-  path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_sampling.py"
-  spec = importlib.util.spec_from_file_location("bench_sampling", path)
+  path = pathlib.Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
   tool = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tool)
+  return tool
+
+
+def test_bench_sampling_times_both_paths(tmp_path):
+  import json
+  tool = _tool("bench_sampling")
   out = tmp_path / "sampling.json"
   assert tool.main(["--vocabs", "259", "--batches", "2", "--scales", "0.5,8", "--draws", "3",
                     "--repeats", "1", "--top-k", "5", "--out", str(out)]) == 0
@@ -255,6 +260,22 @@ def test_bench_sampling_times_both_paths(tmp_path):
                     "--repeats", "1", "--top-p", "0.9", "--out", str(out)]) == 0
   row, = json.loads(out.read_text())["results"]
   assert row["kept"] == "top-p 0.9" and row["kept_mass"] >= 0.9
+
+
+def test_bench_generate_writes_rows_per_model_and_batch(tmp_path):
+  """Random-weight mode, one batch and several prompts per call (`--prompts`): JSON rows
+  of model, batch and bytes/s with the machine."""
+  import json
+  out = tmp_path / "gen.json"
+  assert _tool("bench_generate").main(
+      ["--models", "hat,byte", "--batches", "2", "--new-bytes", "6", "--repeats", "1",
+       "--min-seconds", "0", "--prompts", "3", "--out", str(out)]) == 0
+  res = json.loads(out.read_text())
+  assert res["machine"]["platform"] == "cpu"
+  assert [(r["model"], r["batch"], r["prompts"]) for r in res["results"]] == \
+      [("hat", 2, 3), ("byte", 2, 3)]
+  for r in res["results"]:
+    assert r["bytes_per_s"] > 0 and 0 < r["bytes"] <= 3 * 6 and r["bytes_per_position"] > 0
 
 
 def test_first_rows_and_marker_encoder_equal_the_full_ones():

@@ -166,3 +166,24 @@ def test_prompt_edge_cases_every_sampler(merge_model):
     assert cached.generate(PROMPTS[0], dataclasses.replace(
         GREEDY, stop=("\x00never\x00", ""))) == plain
     assert cached.compile_counts() == {"init": 1, "prefill": 1, "chunk": 1}
+
+
+def test_generate_many_equals_one_batch_every_family(delete_model, merge_model):
+  """Prompts decoded `batch_size` rows at a time (a short, idle-padded last batch) give
+  the bytes of one batch of all, sampled too: prompt i keeps the stream of (seed, i). One
+  compiled step serves every batch."""
+  byte_cfg = dataclasses.replace(_cfg(max_tokens=48), model=tiny_model_config("byte"))
+  byte_model = build_model(byte_cfg.model, vocab_size=259, rngs=rngs(3))
+  prompts = PROMPTS + [b"a second batch ", b"caf\xc3 \xff", b"the lazy dog"]
+  opts = SampleOptions(temperature=1.0, top_k=0, max_new_bytes=20, stop=("g",), seed=5)
+  for model, cfg, tok in [(*_hat_model(), None), (*delete_model, None),
+                          (*merge_model, ByteTokenizer()), (byte_model, byte_cfg,
+                                                            ByteTokenizer())]:
+    sampler = make_sampler(model, cfg, tok)
+    many = sampler.generate_many(prompts, opts, batch_size=3)
+    assert sampler.compile_counts() == {"init": 1, "prefill": 1, "chunk": 1}, cfg.model.kind
+    assert many == sampler.generate_batch(prompts, opts), cfg.model.kind
+    assert len(set(many)) > 3  # sampled, not one continuation for all
+    assert sampler.generate_many(prompts[:2], opts, batch_size=8) == many[:2]
+  with pytest.raises(ValueError, match="batch_size"):
+    sampler.generate_many(prompts, opts, batch_size=0)

@@ -53,3 +53,24 @@ def test_multiple_choice_rolling_and_generation_tasks(lm, tmp_path):
   assert 0.0 <= results["hat_local_mc"]["acc,none"] <= 1.0
   assert results["hat_local_ppl"]["bits_per_byte,none"] > 0
   assert results["hat_local_gen"]["exact_match,none"] in (0.0, 1.0)
+
+
+class _Request:
+  def __init__(self, *args):
+    self.args = args
+
+
+def test_generate_until_batches_requests_by_options_in_order(lm):
+  """Requests of two option groups, decoded `batch_size` rows at a time, come back in
+  request order with the bytes of one `generate` each (greedy)."""
+  from hat.generate import SampleOptions
+  texts = ["The cat", "One, two,", "A", "Once upon a time", "x", "Hello there", "Q:"]
+  reqs = [_Request(t, {"until": ["\n"] if i % 2 else "e", "max_gen_toks": 6 + i % 2})
+          for i, t in enumerate(texts)]
+  compiled = lm.sampler.compile_counts()["chunk"]
+  got = lm.generate_until(reqs)
+  assert lm.sampler.compile_counts()["chunk"] == compiled + 2  # groups of 4 and 3 rows
+  for i, t in enumerate(texts):
+    opts = SampleOptions(temperature=0.0, max_new_bytes=6 + i % 2,
+                         stop=("\n",) if i % 2 else ("e",))
+    assert got[i] == lm.sampler.generate(t.encode(), opts).decode("utf-8", "replace"), i

@@ -15,6 +15,10 @@ family comes from the config, and a BPE head wider than the tokenizer (the 1B co
 `--run NAME=workdir` the trained runs are loaded instead, so speed is measured on real
 word lengths and real `[W]` / gate decisions.
 
+`--prompts N` times calls that continue N prompts, `batch` rows at a time
+(`generate_many`, what lm-eval's `generate_until` runs): batch 1 is one prompt after
+another.
+
 Each (model, batch) pair is compiled by a warm-up call, then timed over at least
 `--repeats` calls of `--new-bytes` bytes per row and at least `--min-seconds` of them
 (a batch-1 call takes milliseconds: a few of them are noise on a shared machine). Call i
@@ -119,9 +123,11 @@ def _units(sampler) -> int:
 class _Timer:
   """Timed `generate_batch` calls of one sampler at one batch size (after a warm-up)."""
 
-  def __init__(self, sampler, batch: int, opts: SampleOptions):
+  def __init__(self, sampler, batch: int, opts: SampleOptions, prompts: int = 0):
     self.sampler, self.batch, self.opts = sampler, batch, opts
-    self.prompts = [PROMPT[: len(PROMPT) - (i % 7)] for i in range(batch)]
+    # prompts > batch: each call continues that many prompts, `batch` rows at a time.
+    self.many = prompts > batch
+    self.prompts = [PROMPT[: len(PROMPT) - (i % 7)] for i in range(max(prompts, batch))]
     sampler.generate_batch(self.prompts[:1] * batch, opts)  # compiles every step function
     self.walls, self.cpus, self.totals, self.units = [], [], [], []
 
@@ -134,22 +140,30 @@ class _Timer:
     # many samples.
     opts = dataclasses.replace(self.opts, seed=self.opts.seed + len(self.walls))
     start, cpu = time.perf_counter(), time.process_time()
-    self.outs = self.sampler.generate_batch(self.prompts, opts)
+    if self.many:
+      self.outs = self.sampler.generate_many(self.prompts, opts, batch_size=self.batch)
+    else:
+      self.outs = self.sampler.generate_batch(self.prompts, opts)
     self.walls.append(time.perf_counter() - start)
     self.cpus.append(time.process_time() - cpu)
     self.totals.append(sum(map(len, self.outs)))
-    self.units.append(_units(self.sampler))
+    if not self.many:
+      self.units.append(_units(self.sampler))
 
   def result(self) -> dict:
-    sampler, prompts, opts = self.sampler, self.prompts, self.opts
+    sampler, prompts, opts = self.sampler, self.prompts[:self.batch], self.opts
     walls, cpus, totals = self.walls, self.cpus, self.totals
     rates = [t / w for t, w in zip(totals, walls)]
-    units = self.units[-1]
     # Positions the prompts alone take (START/BOS + prompt words or tokens or chunks).
     sampler.generate_batch(prompts, SampleOptions(temperature=0.0, max_new_bytes=1))
     base_units = _units(sampler)
-    sampler.generate_batch(prompts, opts)
+    outs = sampler.generate_batch(prompts, opts)
     held, alloc = kv_held(sampler.last_state)
+    units = _units(sampler)
+    if self.many:  # positions are counted on one batch of the first prompts
+      self.units, totals_pos = [units], [sum(map(len, outs))]
+    else:
+      totals_pos = totals
     new_units = sum(max(u - base_units, 1) for u in self.units)
     bb = sampler.last_state.get("bb", {})
     extra = {}
@@ -161,19 +175,20 @@ class _Timer:
             "bytes_per_s": statistics.median(rates), "bytes_per_s_all": rates,
             "bytes_per_cpu_s": statistics.median([t / c for t, c in zip(totals, cpus)]),
             "ms_per_byte_per_row": 1e3 * statistics.median(walls) / max(longest, 1),
-            "bytes_per_position": sum(totals) / new_units,
+            "prompts": len(self.prompts),
+            "bytes_per_position": sum(totals_pos) / new_units,
             "kv_bytes_held": held, "kv_bytes_allocated": alloc,
             "kv_bytes_per_position": held / max(units, 1), **extra}
 
 
 def time_side_by_side(samplers: dict, batch: int, opts: SampleOptions, repeats: int,
-                      min_seconds: float) -> dict[str, dict]:
+                      min_seconds: float, prompts: int = 0) -> dict[str, dict]:
   """Per model, the timing of `batch`-row calls, the models' calls taken in turn.
 
   Round robin, one call each, until every model has `repeats` calls and `min_seconds`
   of them: whatever else loads the machine meanwhile loads every model alike.
   """
-  timers = {name: _Timer(s, batch, opts) for name, s in samplers.items()}
+  timers = {name: _Timer(s, batch, opts, prompts) for name, s in samplers.items()}
   while not all(t.done(repeats, min_seconds) for t in timers.values()):
     for t in timers.values():
       if not t.done(repeats, min_seconds):
@@ -199,12 +214,17 @@ def main(argv=None) -> int:
   ap.add_argument("--repeats", type=int, default=3, help="timed calls per row, at least")
   ap.add_argument("--min-seconds", type=float, default=2.0,
                   help="keep timing calls until they took this long in all (median)")
+  ap.add_argument("--prompts", type=int, default=0,
+                  help="prompts per timed call, continued `batch` rows at a time "
+                  "(generate_many, as lm-eval's generate_until); default: one batch")
   ap.add_argument("--chunk-steps", type=int, default=CHUNK_STEPS,
                   help="most device ticks per call (host transfer)")
   ap.add_argument("--w-scale", type=float, default=10.0,
                   help="HAT [W] logit scale for random weights (words of a few bytes)")
   ap.add_argument("--out", default="", help="JSON results file")
   args = ap.parse_args(argv)
+  if args.prompts < 0:
+    ap.error(f"--prompts must be >= 0, got {args.prompts}")
 
   models = {}
   if args.run:
@@ -242,15 +262,18 @@ def main(argv=None) -> int:
   samplers = {name: make_sampler(model, cfg, tok, chunk_steps=args.chunk_steps)
               for name, (model, cfg, tok, _) in models.items()}
   for batch in [int(b) for b in args.batches.split(",")]:
-    timed = time_side_by_side(samplers, batch, opts, args.repeats, args.min_seconds)
+    timed = time_side_by_side(samplers, batch, opts, args.repeats, args.min_seconds,
+                              args.prompts)
     for name, (_, cfg, _, source) in models.items():
       bb = cfg.model.backbone
       r = {"model": name, "family": family_of(cfg).name, "source": source, **timed[name],
            "backbone": f"{bb.num_layers}x{bb.d_model}"}
       rows.append(r)
       print(json.dumps(r), flush=True)
+  many = f", {args.prompts} prompts per call" if args.prompts else ""
   print(f"\n{machine['platform']} ({machine['device_kind']}), new bytes per row "
-        f"{args.new_bytes}, median of >= {args.repeats} calls and >= {args.min_seconds} s\n")
+        f"{args.new_bytes}{many}, median of >= {args.repeats} calls and >= "
+        f"{args.min_seconds} s\n")
   print("| model | backbone | batch | bytes/s | bytes/CPU-s | ms/byte (per row) | "
         "bytes/position | KV bytes/position |")
   print("|---|---|---|---|---|---|---|---|")

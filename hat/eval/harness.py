@@ -24,8 +24,9 @@ class HarnessLM(LM):
   """`lm_eval` LM backed by a trained hat model."""
 
   def __init__(self, model, cfg, tokenizer=None, batch_size: int = 8,
-               max_gen_bytes: int = 256, exact: bool = False):
+               max_gen_bytes: int = 256, exact: bool = False, progress: bool = True):
     super().__init__()
+    self.batch_size, self.progress = batch_size, progress
     self.cfg = cfg
     self.scorer = Scorer(model, cfg, tokenizer, batch_size=batch_size, exact=exact)
     self.sampler = make_sampler(model, cfg, tokenizer)
@@ -55,15 +56,27 @@ class HarnessLM(LM):
     return out
 
   def generate_until(self, requests) -> list[str]:
-    """Greedy (or `temperature`-sampled) continuations cut at the `until` strings."""
-    out = []
-    for r in requests:
+    """Greedy (or `temperature`-sampled) continuations cut at the `until` strings.
+
+    Requests with the same generation options are decoded together, `batch_size` rows
+    at a time (`generate_many`); prompt i of a group samples with the stream of
+    (seed, i), so the output does not depend on the batch size.
+    """
+    groups: dict[SampleOptions, list[int]] = {}
+    contexts = []
+    for i, r in enumerate(requests):
       context, kwargs = r.args[0], dict(r.args[1] if len(r.args) > 1 else {})
       until = kwargs.get("until") or []
       until = [until] if isinstance(until, str) else list(until)
       opts = SampleOptions(temperature=float(kwargs.get("temperature", 0.0)),
                            max_new_bytes=int(kwargs.get("max_gen_toks", self.max_gen_bytes)),
                            stop=tuple(until), seed=int(kwargs.get("seed", 0)))
-      new = self.sampler.generate(context.encode("utf-8"), opts)
-      out.append(new.decode("utf-8", "replace"))
+      groups.setdefault(opts, []).append(i)
+      contexts.append(context.encode("utf-8"))
+    out = [""] * len(contexts)
+    for opts, idx in groups.items():
+      news = self.sampler.generate_many([contexts[i] for i in idx], opts,
+                                        batch_size=self.batch_size, progress=self.progress)
+      for i, new in zip(idx, news):
+        out[i] = new.decode("utf-8", "replace")
     return out

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from hat.data import layout
 from hat.generate.sampling import (SampleOptions, cut_at_stop, row_keys, seed_scalar,
@@ -61,7 +63,7 @@ class DeviceSampler:
                               donate_argnums=1)
     self.chunk_fn = jax.jit(functools.partial(self._chunk, graphdef), donate_argnums=1)
     # One compiled call builds a batch's empty state (dozens of eager ops cost ~3 ms).
-    self.init_fn = jax.jit(self._fresh_state, static_argnums=1)
+    self.init_fn = jax.jit(self._fresh_state, static_argnums=2)
 
   def compile_counts(self) -> dict[str, int]:
     """How many times each step function was compiled (one per batch size)."""
@@ -95,9 +97,10 @@ class DeviceSampler:
 
   # Shared.
 
-  def _fresh_state(self, seed, batch: int) -> dict:
-    """Empty caches, per-row keys of `seed`, every row DONE until its prefill."""
-    return dict(self._init_state(batch), keys_BxK=row_keys(seed, batch),
+  def _fresh_state(self, seed, first, batch: int) -> dict:
+    """Empty caches, per-row keys of (`seed`, prompt `first` + row), every row DONE
+    until its prefill."""
+    return dict(self._init_state(batch), keys_BxK=row_keys(seed, batch, first),
                 status_B=jnp.full((batch,), DONE, jnp.int32),
                 nout_B=jnp.zeros((batch,), jnp.int32))
 
@@ -147,13 +150,44 @@ class DeviceSampler:
 
   def generate_batch(self, prompts: Sequence[bytes], opts: SampleOptions) -> list[bytes]:
     """Continues every prompt at once; returns only the new bytes of each."""
-    batch = len(prompts)
-    outs = [b""] * batch
-    if opts.max_new_bytes <= 0 or batch == 0:
+    return self._run_batch(list(prompts), opts, len(prompts), 0)
+
+  def generate_many(self, prompts: Sequence[bytes], opts: SampleOptions, batch_size: int,
+                    progress: bool = False) -> list[bytes]:
+    """Continues every prompt, `batch_size` rows at a time; returns only the new bytes of
+    each, in order.
+
+    Prompt i samples with the stream of (seed, i) whatever the batch size, so the output
+    equals `generate_batch(prompts, opts)` (one batch of all). A short last batch runs
+    with idle rows, so one compiled step serves every batch. `progress`: a bar over the
+    prompts on stderr.
+    """
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = list(prompts)
+    batch = min(batch_size, max(len(prompts), 1))
+    starts = range(0, len(prompts), batch)
+    bar = _progress(len(prompts), progress)
+    outs = []
+    for start in starts:
+      part = prompts[start:start + batch]
+      outs += self._run_batch(part, opts, batch, start)
+      bar.update(len(part))
+    bar.close()
+    return outs
+
+  def _run_batch(self, prompts: list, opts: SampleOptions, batch: int, first: int
+                 ) -> list[bytes]:
+    """Continues `prompts` (at most `batch`; further rows idle) with the streams of
+    prompts `first`, `first` + 1, ..."""
+    num = len(prompts)
+    outs = [b""] * num
+    if opts.max_new_bytes <= 0 or num == 0:
       return outs
-    rows = [self._new_row(bytes(p)) for p in prompts]
-    st = self.init_fn(seed_scalar(opts.seed), batch)
-    st = self._refill(st, rows, np.ones(batch, bool), slide=False)
+    # Idle rows are never prefilled: they stay DONE and emit nothing.
+    rows = [self._new_row(bytes(p)) for p in prompts] + [self._new_row(b"")] * (batch - num)
+    st = self.init_fn(seed_scalar(opts.seed), np.int32(first), batch)
+    st = self._refill(st, rows, np.arange(batch) < num, slide=False)
     stops = stop_strings(opts.stop)
     stopped = np.zeros(batch, bool)
     dev_opts = opts.device_args()
@@ -161,7 +195,7 @@ class DeviceSampler:
     while True:
       st, out = self.chunk_fn(self.params, st, stopped, steps, *dev_opts)
       buf_BxC, status_B = jax.device_get(out)
-      for b in range(batch):
+      for b in range(num):
         syms = buf_BxC[b][buf_BxC[b] != NO_SYMBOL]
         if not len(syms) or stopped[b]:
           continue
@@ -179,6 +213,12 @@ class DeviceSampler:
   def generate(self, prompt: bytes, opts: SampleOptions) -> bytes:
     """Continues `prompt`; returns only the new bytes."""
     return self.generate_batch([prompt], opts)[0]
+
+
+def _progress(total: int, show: bool):
+  """A tqdm bar over `total` prompts on stderr (a no-op bar when not shown)."""
+  return tqdm(total=total, unit="prompt", disable=not show, file=sys.stderr,
+              desc="generate")
 
 
 def prefill_blocks(step, carry, length_B: jax.Array, block: int, *arrays_BxP: jax.Array):

@@ -34,7 +34,24 @@ def forward_fn(model: nnx.Module, **kwargs):
   return lambda batch: forward(state, {k: jnp.asarray(v) for k, v in batch.items()})
 
 
-class ReferenceHATSampler:
+class _OneAtATime:
+  """The batch interface of the cached samplers, one `generate` per prompt."""
+
+  def generate(self, prompt: bytes, opts: SampleOptions) -> bytes:
+    raise NotImplementedError
+
+  def generate_batch(self, prompts: Sequence[bytes], opts: SampleOptions) -> list[bytes]:
+    """One `generate` per prompt."""
+    return [self.generate(p, opts) for p in prompts]
+
+  def generate_many(self, prompts: Sequence[bytes], opts: SampleOptions, batch_size: int,
+                    progress: bool = False) -> list[bytes]:
+    """One `generate` per prompt (`batch_size` and `progress` as the cached samplers)."""
+    del batch_size, progress
+    return self.generate_batch(prompts, opts)
+
+
+class ReferenceHATSampler(_OneAtATime):
   """Uncached HAT sampler (plain or delete-gated): full forward per symbol, one row."""
 
   def __init__(self, model: nnx.Module, cfg, tokenizer=None):
@@ -83,12 +100,8 @@ class ReferenceHATSampler:
         break
     return cut_at_stop(out, opts.stop)
 
-  def generate_batch(self, prompts: Sequence[bytes], opts: SampleOptions) -> list[bytes]:
-    """One `generate` per prompt."""
-    return [self.generate(p, opts) for p in prompts]
 
-
-class ReferenceTokenSampler:
+class ReferenceTokenSampler(_OneAtATime):
   """Uncached token-layout sampler (BPE, byte LM, merge HAT): full forward per token."""
 
   def __init__(self, model: nnx.Module, cfg, tokenizer):
@@ -127,7 +140,3 @@ class ReferenceTokenSampler:
       if piece and hit_stop(out, len(piece), opts.stop):
         break
     return cut_at_stop(out[:opts.max_new_bytes], opts.stop)
-
-  def generate_batch(self, prompts: Sequence[bytes], opts: SampleOptions) -> list[bytes]:
-    """One `generate` per prompt."""
-    return [self.generate(p, opts) for p in prompts]
