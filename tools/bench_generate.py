@@ -26,9 +26,10 @@ samples with seed i, the same seeds for every model: the speed of one call depen
 the word (token) lengths it happened to draw. The models' calls are taken in turn, one
 each, so a change in the machine's load falls on every model alike. The median is
 reported, in wall-clock bytes/s and in bytes per CPU second of this process, and as
-milliseconds per decoded byte of a row (wall time / the longest row). Rows also give
-bytes per generated word (token, chunk; over all timed calls) and the backbone KV cache
-held per word.
+milliseconds per decoded byte of a row (wall time / the longest row, summed over the
+batches of a `--prompts` call). Rows also give bytes per generated word (token, chunk;
+over all timed calls, or one batch with `--prompts`) and the backbone KV cache held per
+word.
 """
 
 from __future__ import annotations
@@ -169,7 +170,9 @@ class _Timer:
     extra = {}
     if "deleted_B" in bb:  # delete gate: fraction of committed words left out above it
       extra["deleted_fraction"] = float(np.sum(np.asarray(bb["deleted_B"]))) / max(units, 1)
-    longest = max(map(len, self.outs))
+    # Bytes a row decodes in a call: the longest row of each batch of prompts.
+    longest = sum(max(map(len, self.outs[i:i + self.batch]))
+                  for i in range(0, len(self.outs), self.batch))
     return {"batch": self.batch, "calls": len(walls), "bytes": totals[-1],
             "seconds": statistics.median(walls),
             "bytes_per_s": statistics.median(rates), "bytes_per_s_all": rates,
