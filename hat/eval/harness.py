@@ -21,7 +21,12 @@ from hat.generate import SampleOptions, make_sampler
 
 
 class HarnessLM(LM):
-  """`lm_eval` LM backed by a trained hat model."""
+  """`lm_eval` LM backed by a trained hat model.
+
+  `batch_size`: rows per scoring batch and per generation batch; `max_gen_bytes`: new
+  bytes per request when the task gives no `max_gen_toks`; `progress`: a bar over the
+  requests of each generation group.
+  """
 
   def __init__(self, model, cfg, tokenizer=None, batch_size: int = 8,
                max_gen_bytes: int = 256, exact: bool = False, progress: bool = True):
