@@ -71,3 +71,16 @@ def test_generate_cli_inputs_in_process(trained, capsys, monkeypatch):
   assert main([*base, "--prompt", "many words " * 400, "--max-new-bytes", "5"]) == 0
   with pytest.raises(SystemExit):
     main([*base, "--max-new-bytes", "-1"])
+  capsys.readouterr()
+  # A prompt file (one prompt per line, bytes kept) on 2 rows at a time == one batch.
+  lines = [b"the quick bro", b"caf\xff ", b"once upon", b"a"]
+  (run.parent / "prompts.txt").write_bytes(b"\n".join(lines) + b"\n")
+  gen = [*base, "--max-new-bytes", "10"]
+  assert main([*gen, "--prompt-file", str(run.parent / "prompts.txt"), "--batch-size",
+               "2"]) == 0
+  many = capsys.readouterr().out
+  assert main([*gen, *sum((["--prompt", os.fsdecode(p)] for p in lines), [])]) == 0
+  assert capsys.readouterr().out == many and many.count("--- prompt:") == 4
+  for bad in (["--prompt-file", str(run.parent / "missing.txt")], ["--batch-size", "-2"]):
+    with pytest.raises(SystemExit):
+      main([*gen, *bad])
