@@ -263,19 +263,24 @@ def test_bench_sampling_times_both_paths(tmp_path):
 
 
 def test_bench_generate_writes_rows_per_model_and_batch(tmp_path):
-  """Random-weight mode, one batch and several prompts per call (`--prompts`): JSON rows
-  of model, batch and bytes/s with the machine."""
+  """Random-weight mode, several corpus prompts per call (`--prompts`, `--prompt-bytes`):
+  JSON rows of model, batch and bytes/s with the machine; prompts of the asked lengths."""
   import json
   out = tmp_path / "gen.json"
-  assert _tool("bench_generate").main(
+  tool = _tool("bench_generate")
+  assert tool.main(
       ["--models", "hat,byte", "--batches", "2", "--new-bytes", "6", "--repeats", "1",
-       "--min-seconds", "0", "--prompts", "3", "--out", str(out)]) == 0
+       "--min-seconds", "0", "--prompts", "3", "--prompt-bytes", "5:40",
+       "--out", str(out)]) == 0
   res = json.loads(out.read_text())
   assert res["machine"]["platform"] == "cpu"
   assert [(r["model"], r["batch"], r["prompts"]) for r in res["results"]] == \
       [("hat", 2, 3), ("byte", 2, 3)]
   for r in res["results"]:
     assert r["bytes_per_s"] > 0 and 0 < r["bytes"] <= 3 * 6 and r["bytes_per_position"] > 0
+  prompts = tool.make_prompts(50, (5, 40))
+  assert {len(p) for p in prompts} <= set(range(5, 41)) and len(set(prompts)) == 50
+  assert tool.make_prompts(50, (5, 40)) == prompts  # seeded
 
 
 def test_first_rows_and_marker_encoder_equal_the_full_ones():

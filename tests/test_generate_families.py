@@ -169,9 +169,9 @@ def test_prompt_edge_cases_every_sampler(merge_model):
 
 
 def test_generate_many_equals_one_batch_every_family(delete_model, merge_model):
-  """Prompts decoded `batch_size` rows at a time (a short, idle-padded last batch) give
-  the bytes of one batch of all, sampled too: prompt i keeps the stream of (seed, i). One
-  compiled step serves every batch."""
+  """Prompts decoded `batch_size` rows at a time (batches of similar length, a short,
+  idle-padded last batch) give the bytes of one batch of all, sampled too: prompt i
+  keeps the stream of (seed, i). One compiled step serves every batch."""
   byte_cfg = dataclasses.replace(_cfg(max_tokens=48), model=tiny_model_config("byte"))
   byte_model = build_model(byte_cfg.model, vocab_size=259, rngs=rngs(3))
   prompts = PROMPTS + [b"a second batch ", b"caf\xc3 \xff", b"the lazy dog"]

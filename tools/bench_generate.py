@@ -17,7 +17,8 @@ word lengths and real `[W]` / gate decisions.
 
 `--prompts N` times calls that continue N prompts, `batch` rows at a time
 (`generate_many`, what lm-eval's `generate_until` runs): batch 1 is one prompt after
-another.
+another. `--prompt-bytes LO:HI` draws prompts of LO..HI bytes from the corpus (seeded,
+the same for every model) instead of one short sentence.
 
 Each (model, batch) pair is compiled by a warm-up call, then timed over at least
 `--repeats` calls of `--new-bytes` bytes per row and at least `--min-seconds` of them
@@ -82,6 +83,25 @@ def _corpus_texts(max_bytes: int) -> list[bytes]:
   return texts
 
 
+def make_prompts(num: int, lengths: tuple[int, int] | None = None) -> list[bytes]:
+  """`num` prompts: PROMPT cut by 0-6 bytes, or with `lengths` (lo, hi) slices of the
+  corpus of lo..hi bytes at seeded random offsets (the same for every model and run)."""
+  if lengths is None:
+    return [PROMPT[: len(PROMPT) - (i % 7)] for i in range(num)]
+  text = b"".join(_corpus_texts(4_000_000))
+  lo, hi = lengths
+  if len(text) < hi:
+    raise SystemExit(f"error: --prompt-bytes {lo}:{hi} is longer than the corpus "
+                     f"({len(text)} bytes)")
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(num):
+    n = int(rng.integers(lo, hi + 1))
+    start = int(rng.integers(0, len(text) - n + 1))
+    out.append(text[start:start + n])
+  return out
+
+
 def _random_model(config_path: str, tokenizer=None, w_scale: float = 0.0):
   cfg = C.resolve(config_path, [])
   family = family_of(cfg)
@@ -124,11 +144,12 @@ def _units(sampler) -> int:
 class _Timer:
   """Timed `generate_batch` calls of one sampler at one batch size (after a warm-up)."""
 
-  def __init__(self, sampler, batch: int, opts: SampleOptions, prompts: int = 0):
+  def __init__(self, sampler, batch: int, opts: SampleOptions, prompts: int = 0,
+               lengths: tuple[int, int] | None = None):
     self.sampler, self.batch, self.opts = sampler, batch, opts
     # prompts > batch: each call continues that many prompts, `batch` rows at a time.
     self.many = prompts > batch
-    self.prompts = [PROMPT[: len(PROMPT) - (i % 7)] for i in range(max(prompts, batch))]
+    self.prompts = make_prompts(max(prompts, batch), lengths)
     sampler.generate_batch(self.prompts[:1] * batch, opts)  # compiles every step function
     self.walls, self.cpus, self.totals, self.units = [], [], [], []
 
@@ -185,13 +206,14 @@ class _Timer:
 
 
 def time_side_by_side(samplers: dict, batch: int, opts: SampleOptions, repeats: int,
-                      min_seconds: float, prompts: int = 0) -> dict[str, dict]:
+                      min_seconds: float, prompts: int = 0,
+                      lengths: tuple[int, int] | None = None) -> dict[str, dict]:
   """Per model, the timing of `batch`-row calls, the models' calls taken in turn.
 
   Round robin, one call each, until every model has `repeats` calls and `min_seconds`
   of them: whatever else loads the machine meanwhile loads every model alike.
   """
-  timers = {name: _Timer(s, batch, opts, prompts) for name, s in samplers.items()}
+  timers = {name: _Timer(s, batch, opts, prompts, lengths) for name, s in samplers.items()}
   while not all(t.done(repeats, min_seconds) for t in timers.values()):
     for t in timers.values():
       if not t.done(repeats, min_seconds):
@@ -220,6 +242,9 @@ def main(argv=None) -> int:
   ap.add_argument("--prompts", type=int, default=0,
                   help="prompts per timed call, continued `batch` rows at a time "
                   "(generate_many, as lm-eval's generate_until); default: one batch")
+  ap.add_argument("--prompt-bytes", default="", metavar="LO:HI",
+                  help="prompts of LO..HI bytes cut from the English corpus at seeded "
+                  "offsets (default: one 70-76 byte sentence)")
   ap.add_argument("--chunk-steps", type=int, default=CHUNK_STEPS,
                   help="most device ticks per call (host transfer)")
   ap.add_argument("--w-scale", type=float, default=10.0,
@@ -228,6 +253,12 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   if args.prompts < 0:
     ap.error(f"--prompts must be >= 0, got {args.prompts}")
+  lengths = None
+  if args.prompt_bytes:
+    lo, _, hi = args.prompt_bytes.partition(":")
+    if not (lo.isdigit() and hi.isdigit() and 0 <= int(lo) <= int(hi)):
+      ap.error(f"--prompt-bytes wants LO:HI with 0 <= LO <= HI, got {args.prompt_bytes!r}")
+    lengths = (int(lo), int(hi))
 
   models = {}
   if args.run:
@@ -266,7 +297,7 @@ def main(argv=None) -> int:
               for name, (model, cfg, tok, _) in models.items()}
   for batch in [int(b) for b in args.batches.split(",")]:
     timed = time_side_by_side(samplers, batch, opts, args.repeats, args.min_seconds,
-                              args.prompts)
+                              args.prompts, lengths)
     for name, (_, cfg, _, source) in models.items():
       bb = cfg.model.backbone
       r = {"model": name, "family": family_of(cfg).name, "source": source, **timed[name],
@@ -274,6 +305,7 @@ def main(argv=None) -> int:
       rows.append(r)
       print(json.dumps(r), flush=True)
   many = f", {args.prompts} prompts per call" if args.prompts else ""
+  many += f", prompts of {args.prompt_bytes} bytes" if lengths else ""
   print(f"\n{machine['platform']} ({machine['device_kind']}), new bytes per row "
         f"{args.new_bytes}{many}, median of >= {args.repeats} calls and >= "
         f"{args.min_seconds} s\n")

@@ -30,7 +30,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from hat.data import layout
-from hat.generate.sampling import (SampleOptions, cut_at_stop, row_keys, seed_scalar,
+from hat.generate.sampling import (SampleOptions, cut_at_stop, prompt_keys, seed_scalar,
                                    stop_strings)
 from hat.models.layers import TransformerStack
 
@@ -63,7 +63,7 @@ class DeviceSampler:
                               donate_argnums=1)
     self.chunk_fn = jax.jit(functools.partial(self._chunk, graphdef), donate_argnums=1)
     # One compiled call builds a batch's empty state (dozens of eager ops cost ~3 ms).
-    self.init_fn = jax.jit(self._fresh_state, static_argnums=2)
+    self.init_fn = jax.jit(self._fresh_state)
 
   def compile_counts(self) -> dict[str, int]:
     """How many times each step function was compiled (one per batch size)."""
@@ -97,10 +97,11 @@ class DeviceSampler:
 
   # Shared.
 
-  def _fresh_state(self, seed, first, batch: int) -> dict:
-    """Empty caches, per-row keys of (`seed`, prompt `first` + row), every row DONE
+  def _fresh_state(self, seed, index_B) -> dict:
+    """Empty caches, per-row keys of (`seed`, the row's prompt index), every row DONE
     until its prefill."""
-    return dict(self._init_state(batch), keys_BxK=row_keys(seed, batch, first),
+    batch = index_B.shape[0]
+    return dict(self._init_state(batch), keys_BxK=prompt_keys(seed, index_B),
                 status_B=jnp.full((batch,), DONE, jnp.int32),
                 nout_B=jnp.zeros((batch,), jnp.int32))
 
@@ -150,43 +151,48 @@ class DeviceSampler:
 
   def generate_batch(self, prompts: Sequence[bytes], opts: SampleOptions) -> list[bytes]:
     """Continues every prompt at once; returns only the new bytes of each."""
-    return self._run_batch(list(prompts), opts, len(prompts), 0)
+    return self._run_batch(list(prompts), opts, len(prompts), np.arange(len(prompts)))
 
   def generate_many(self, prompts: Sequence[bytes], opts: SampleOptions, batch_size: int,
                     progress: bool = False) -> list[bytes]:
     """Continues every prompt, `batch_size` rows at a time; returns only the new bytes of
     each, in order.
 
-    Prompt i samples with the stream of (seed, i) whatever the batch size, so the output
-    equals `generate_batch(prompts, opts)` (one batch of all). A short last batch runs
-    with idle rows, so one compiled step serves every batch. `progress`: a bar over the
-    prompts on stderr.
+    Batches hold prompts of similar length (longest first): a batch prefills as far as
+    its longest prompt. Prompt i samples with the stream of (seed, i) whatever its batch,
+    so the output equals `generate_batch(prompts, opts)` (one batch of all). A short last
+    batch runs with idle rows, so one compiled step serves every batch. `progress`: a bar
+    over the prompts on stderr.
     """
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prompts = list(prompts)
     batch = min(batch_size, max(len(prompts), 1))
-    starts = range(0, len(prompts), batch)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outs = [b""] * len(prompts)
     bar = _progress(len(prompts), progress)
-    outs = []
-    for start in starts:
-      part = prompts[start:start + batch]
-      outs += self._run_batch(part, opts, batch, start)
-      bar.update(len(part))
+    for start in range(0, len(prompts), batch):
+      index = order[start:start + batch]
+      news = self._run_batch([prompts[i] for i in index], opts, batch, np.array(index))
+      for i, new in zip(index, news):
+        outs[i] = new
+      bar.update(len(index))
     bar.close()
     return outs
 
-  def _run_batch(self, prompts: list, opts: SampleOptions, batch: int, first: int
+  def _run_batch(self, prompts: list, opts: SampleOptions, batch: int, index: np.ndarray
                  ) -> list[bytes]:
     """Continues `prompts` (at most `batch`; further rows idle) with the streams of
-    prompts `first`, `first` + 1, ..."""
+    prompts `index`."""
     num = len(prompts)
     outs = [b""] * num
     if opts.max_new_bytes <= 0 or num == 0:
       return outs
     # Idle rows are never prefilled: they stay DONE and emit nothing.
     rows = [self._new_row(bytes(p)) for p in prompts] + [self._new_row(b"")] * (batch - num)
-    st = self.init_fn(seed_scalar(opts.seed), np.int32(first), batch)
+    index_B = np.zeros(batch, np.int32)
+    index_B[:num] = index
+    st = self.init_fn(seed_scalar(opts.seed), index_B)
     st = self._refill(st, rows, np.arange(batch) < num, slide=False)
     stops = stop_strings(opts.stop)
     stopped = np.zeros(batch, bool)

@@ -292,13 +292,11 @@ def seed_scalar(seed: int) -> np.ndarray:
   return np.uint32(seed) if seed >= 0 else np.int32(seed)
 
 
-def row_keys(seed, batch: int, first=0) -> jax.Array:
-  """Raw key data per row (seed and first may be traced): row b's stream depends on
-  (seed, first + b) only, so prompt i has the same stream in any batch that starts at
-  prompt `first`."""
+def prompt_keys(seed, index_B: jax.Array) -> jax.Array:
+  """Raw key data per row (seed and indices may be traced): the stream of the row holding
+  prompt i depends on (seed, i) only, whatever its batch or row."""
   base = jax.random.key(seed)
-  return jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(
-      first + jnp.arange(batch)))
+  return jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base, i))(index_B))
 
 
 def split_keys(keys_BxK: jax.Array, active_B: jax.Array) -> tuple[jax.Array, jax.Array]:
