@@ -277,7 +277,13 @@ def test_bench_generate_writes_rows_per_model_and_batch(tmp_path):
   assert [(r["model"], r["batch"], r["prompts"]) for r in res["results"]] == \
       [("hat", 2, 3), ("byte", 2, 3)]
   for r in res["results"]:
-    assert r["bytes_per_s"] > 0 and 0 < r["bytes"] <= 3 * 6 and r["bytes_per_position"] > 0
+    assert r["bytes_per_s"] > 0 and 0 < r["bytes"] <= 3 * 6
+    assert r["bytes_per_position"] is None  # corpus prompts: positions not counted
+  assert tool.main(["--models", "byte", "--batches", "2", "--new-bytes", "6", "--repeats",
+                    "1", "--min-seconds", "0", "--prompts", "3", "--out", str(out)]) == 0
+  row, = json.loads(out.read_text())["results"]
+  # A byte per position; a row's last sampled byte is not in the cache yet: 6 / 5.
+  assert row["prompts"] == 3 and 1.0 <= row["bytes_per_position"] <= 6 / 5
   prompts = tool.make_prompts(50, (5, 40))
   assert {len(p) for p in prompts} <= set(range(5, 41)) and len(set(prompts)) == 50
   assert tool.make_prompts(50, (5, 40)) == prompts  # seeded

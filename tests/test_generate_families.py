@@ -187,3 +187,22 @@ def test_generate_many_equals_one_batch_every_family(delete_model, merge_model):
     assert sampler.generate_many(prompts[:2], opts, batch_size=8) == many[:2]
   with pytest.raises(ValueError, match="batch_size"):
     sampler.generate_many(prompts, opts, batch_size=0)
+
+
+def test_long_prompt_keeps_half_the_cache_and_is_prefilled_once():
+  """A prompt longer than the cache keeps its most recent half (as a full cache slides),
+  so generation does not fill the cache at its first word and prefill again."""
+  from hat.generate.device import kept_context
+  assert [kept_context(n, 8, False) for n in (0, 7, 8, 30)] == [0, 7, 4, 4]
+  assert [kept_context(n, 8, True) for n in (3, 7, 30)] == [3, 4, 4]
+  model, cfg = _hat_model(max_units=12)
+  byte_cfg = dataclasses.replace(_cfg(max_tokens=24), model=tiny_model_config("byte"))
+  byte_model = build_model(byte_cfg.model, vocab_size=259, rngs=rngs(3))
+  long_prompt = b"many words in a prompt that is longer than the context " * 3
+  for model, cfg, tok in [(model, cfg, None), (byte_model, byte_cfg, ByteTokenizer())]:
+    sampler = make_sampler(model, cfg, tok)
+    calls = []
+    prefill = sampler.prefill_fn
+    sampler.prefill_fn = lambda *a, _f=prefill: calls.append(1) or _f(*a)
+    out = sampler.generate(long_prompt, dataclasses.replace(GREEDY, max_new_bytes=4))
+    assert len(out) == 4 and len(calls) == 1, cfg.model.kind

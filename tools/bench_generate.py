@@ -150,6 +150,9 @@ class _Timer:
     # prompts > batch: each call continues that many prompts, `batch` rows at a time.
     self.many = prompts > batch
     self.prompts = make_prompts(max(prompts, batch), lengths)
+    # Corpus prompts may exceed the cache, whose slides hide how many positions the new
+    # bytes took: no bytes/position then.
+    self.count_positions = lengths is None
     sampler.generate_batch(self.prompts[:1] * batch, opts)  # compiles every step function
     self.walls, self.cpus, self.totals, self.units = [], [], [], []
 
@@ -200,7 +203,8 @@ class _Timer:
             "bytes_per_cpu_s": statistics.median([t / c for t, c in zip(totals, cpus)]),
             "ms_per_byte_per_row": 1e3 * statistics.median(walls) / max(longest, 1),
             "prompts": len(self.prompts),
-            "bytes_per_position": sum(totals_pos) / new_units,
+            "bytes_per_position": (sum(totals_pos) / new_units if self.count_positions
+                                   else None),
             "kv_bytes_held": held, "kv_bytes_allocated": alloc,
             "kv_bytes_per_position": held / max(units, 1), **extra}
 
@@ -219,6 +223,10 @@ def time_side_by_side(samplers: dict, batch: int, opts: SampleOptions, repeats: 
       if not t.done(repeats, min_seconds):
         t.call()
   return {name: t.result() for name, t in timers.items()}
+
+
+def _fmt(value, spec: str) -> str:
+  return "-" if value is None else format(value, spec)
 
 
 @entry_point
@@ -315,7 +323,7 @@ def main(argv=None) -> int:
   for r in rows:
     print(f"| {r['model']} | {r['backbone']} | {r['batch']} | {r['bytes_per_s']:.0f} | "
           f"{r['bytes_per_cpu_s']:.0f} | {r['ms_per_byte_per_row']:.2f} | "
-          f"{r['bytes_per_position']:.1f} | {r['kv_bytes_per_position']:.0f} |")
+          f"{_fmt(r['bytes_per_position'], '.1f')} | {r['kv_bytes_per_position']:.0f} |")
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps({"machine": machine, "results": rows},
                                                  indent=2))

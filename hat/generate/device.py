@@ -246,6 +246,20 @@ def prefill_blocks(step, carry, length_B: jax.Array, block: int, *arrays_BxP: ja
   return jax.lax.fori_loop(0, (jnp.max(length_B) + block - 1) // block, one, carry)
 
 
+def kept_context(length: int, capacity: int, slide: bool) -> int:
+  """How many of a row's `length` most recent context units (words, tokens, bytes) a
+  prefill keeps, one of the `capacity` positions being START/BOS.
+
+  All of them when they fit. Otherwise (a prompt longer than the cache, or a full cache
+  that slides) the most recent half of the cache, so the next refill is half a cache
+  away: keeping all that fit would fill the cache at the first new unit and prefill
+  every long prompt twice.
+  """
+  if not slide and length < capacity:
+    return length
+  return min(length, capacity // 2)
+
+
 def padded(capacity: int, block: int) -> int:
   """`capacity` rounded up to whole prefill blocks (host arrays are this long)."""
   return math.ceil(capacity / block) * block

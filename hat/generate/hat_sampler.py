@@ -40,8 +40,8 @@ from hat.data import layout
 from hat.family import family_of
 from hat.generate import rules
 from hat.generate.device import (CHUNK_STEPS, DECODING, DONE, FULL, WAITING, DeviceSampler,
-                                 cond_entries, embed, padded, prefill_blocks, project,
-                                 reset_length, where_rows)
+                                 cond_entries, embed, kept_context, padded, prefill_blocks,
+                                 project, reset_length, where_rows)
 from hat.generate.sampling import sample_on_device, split_keys
 from hat.generate.word_encoder import encode_bucketed
 from hat.models import gates
@@ -352,15 +352,14 @@ class HATSampler(DeviceSampler):
     word[:, 0] = W_ID
     units = np.ones(batch, np.int32)
     nbytes = np.zeros(batch, np.int32)
-    # Sliding keeps half the cache, so the next refill is max_units/2 words away.
-    keep = max(1, self.max_units // 2) if slide else self.max_units - 1
     for b in np.flatnonzero(which):
       words = rows[b]["words"]
-      if len(words) > keep and self.overflow == "error":
+      kept = kept_context(len(words), self.max_units, slide)
+      if kept < len(words) and self.overflow == "error":
         raise layout.CapacityError(
             f"context of {len(words)} words + START exceeds the backbone KV cache of "
             f"{self.max_units} units; raise max_units or use overflow='slide'")
-      context = words[-keep:] if len(words) > keep else words
+      context = words[len(words) - kept:]
       for u, w in enumerate(context, start=1):
         ids[b, u, 1:len(w) + 1] = np.frombuffer(w, np.uint8)
         nb[b, u] = len(w)

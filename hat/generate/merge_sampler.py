@@ -21,7 +21,8 @@ from hat.config import merge_capacity
 from hat.data import layout
 from hat.generate import rules
 from hat.generate.device import (CHUNK_STEPS, DECODING, DONE, FULL, DeviceSampler,
-                                 cond_entries, embed, project, reset_length, where_rows)
+                                 cond_entries, embed, kept_context, project, reset_length,
+                                 where_rows)
 from hat.generate.hat_sampler import dec_table
 from hat.generate.sampling import sample_on_device, split_keys
 from hat.models import gates
@@ -131,14 +132,13 @@ class MergeSampler(DeviceSampler):
     stream = np.zeros((len(rows), self.context), np.int32)
     stream[:, 0] = S_ID
     length = np.ones(len(rows), np.int32)
-    # Sliding keeps half the context, so the next refill is context/2 bytes away.
-    keep = self.context // 2 if slide else self.context - 1
     for b in np.flatnonzero(which):
       data = rows[b]["stream"]
-      if len(data) > keep and self.overflow == "error":
+      kept = kept_context(len(data), self.context, slide)
+      if kept < len(data) and self.overflow == "error":
         raise layout.CapacityError(
             f"prompt of {len(data)} bytes + [S] exceeds the context of {self.context} bytes")
-      data = data[-keep:] if len(data) > keep else data
+      data = data[len(data) - kept:]
       stream[b, 1:len(data) + 1] = np.frombuffer(data, np.uint8)
       length[b] = len(data) + 1
     return stream, length

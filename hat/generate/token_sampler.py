@@ -14,7 +14,8 @@ import numpy as np
 from hat.data import layout
 from hat.generate import rules
 from hat.generate.device import (CHUNK_STEPS, DECODING, DONE, FULL, DeviceSampler, embed,
-                                 padded, prefill_blocks, project, reset_length, where_rows)
+                                 kept_context, padded, prefill_blocks, project, reset_length,
+                                 where_rows)
 from hat.generate.sampling import sample_on_device, split_keys
 
 
@@ -92,15 +93,14 @@ class TokenSampler(DeviceSampler):
                      np.int32)
     length = np.ones(len(rows), np.int32)
     tokens[:, 0] = self.tok.bos_id
-    # Sliding keeps half the cache, so the next refill is capacity/2 tokens away.
-    keep = self.capacity // 2 if slide else self.capacity - 1
     for b in np.flatnonzero(which):
       history = rows[b]["tokens"]
-      if len(history) > keep and self.overflow == "error":
+      kept = kept_context(len(history), self.capacity, slide)
+      if kept < len(history) and self.overflow == "error":
         raise layout.CapacityError(
             f"prompt of {len(history)} tokens + BOS exceeds the KV cache of "
             f"{self.capacity} positions")
-      ctx = [self.tok.bos_id] + (history[-keep:] if keep else [])
+      ctx = [self.tok.bos_id] + history[len(history) - kept:]
       tokens[b, :len(ctx)] = ctx
       length[b] = len(ctx)
     return tokens, length
