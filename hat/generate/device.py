@@ -9,11 +9,12 @@ refills it. The state is donated to every call, so caches are updated in place. 
 runs `decoding_copy(model)`, whose layer stacks are lists of blocks, and prefills in
 blocks up to the longest prompt (`prefill_blocks`).
 
-The host driver (`generate_batch`) prefills the rows from their prompts, runs chunks
-until every row is done, turns emitted symbols into bytes, applies stop strings (a row
-that produced one is stopped before the next chunk; output is cut at the stop) and, when
-a row's cache is full, re-prefills it from its most recent context (`overflow="slide"`)
-or raises (`overflow="error"`).
+The host driver (`generate_batch`; `generate_many` runs any number of prompts through it
+in batches of similar length) prefills the rows from their prompts, runs chunks until
+every row is done, turns emitted symbols into bytes, applies stop strings (a row that
+produced one is stopped before the next chunk; output is cut at the stop) and, when a
+row's cache is full, re-prefills it from the most recent half-cache of its context
+(`overflow="slide"`, `kept_context`) or raises (`overflow="error"`).
 """
 
 from __future__ import annotations
