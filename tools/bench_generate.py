@@ -142,17 +142,17 @@ def _units(sampler) -> int:
 
 
 class _Timer:
-  """Timed `generate_batch` calls of one sampler at one batch size (after a warm-up)."""
+  """Timed calls of one sampler at one batch size (after a warm-up): `generate_batch` of
+  `batch` prompts, or `generate_many` when more prompts are given."""
 
-  def __init__(self, sampler, batch: int, opts: SampleOptions, prompts: int = 0,
-               lengths: tuple[int, int] | None = None):
+  def __init__(self, sampler, batch: int, opts: SampleOptions, prompts: list[bytes],
+               count_positions: bool = True):
     self.sampler, self.batch, self.opts = sampler, batch, opts
-    # prompts > batch: each call continues that many prompts, `batch` rows at a time.
-    self.many = prompts > batch
-    self.prompts = make_prompts(max(prompts, batch), lengths)
+    self.prompts = prompts
+    self.many = len(prompts) > batch
     # Corpus prompts may exceed the cache, whose slides hide how many positions the new
     # bytes took: no bytes/position then.
-    self.count_positions = lengths is None
+    self.count_positions = count_positions
     sampler.generate_batch(self.prompts[:1] * batch, opts)  # compiles every step function
     self.walls, self.cpus, self.totals, self.units = [], [], [], []
 
@@ -172,8 +172,7 @@ class _Timer:
     self.walls.append(time.perf_counter() - start)
     self.cpus.append(time.process_time() - cpu)
     self.totals.append(sum(map(len, self.outs)))
-    if not self.many:
-      self.units.append(_units(self.sampler))
+    self.units.append(None if self.many else _units(self.sampler))
 
   def result(self) -> dict:
     sampler, prompts, opts = self.sampler, self.prompts[:self.batch], self.opts
@@ -185,11 +184,11 @@ class _Timer:
     outs = sampler.generate_batch(prompts, opts)
     held, alloc = kv_held(sampler.last_state)
     units = _units(sampler)
-    if self.many:  # positions are counted on one batch of the first prompts
-      self.units, totals_pos = [units], [sum(map(len, outs))]
-    else:
-      totals_pos = totals
-    new_units = sum(max(u - base_units, 1) for u in self.units)
+    # Positions are counted over the timed calls, or on one batch of the first prompts.
+    counted = ([(sum(map(len, outs)), units)] if self.many
+               else list(zip(totals, self.units)))
+    bytes_per_position = (sum(t for t, _ in counted)
+                          / sum(max(u - base_units, 1) for _, u in counted))
     bb = sampler.last_state.get("bb", {})
     extra = {}
     if "deleted_B" in bb:  # delete gate: fraction of committed words left out above it
@@ -203,21 +202,22 @@ class _Timer:
             "bytes_per_cpu_s": statistics.median([t / c for t, c in zip(totals, cpus)]),
             "ms_per_byte_per_row": 1e3 * statistics.median(walls) / max(longest, 1),
             "prompts": len(self.prompts),
-            "bytes_per_position": (sum(totals_pos) / new_units if self.count_positions
-                                   else None),
+            "bytes_per_position": bytes_per_position if self.count_positions else None,
             "kv_bytes_held": held, "kv_bytes_allocated": alloc,
             "kv_bytes_per_position": held / max(units, 1), **extra}
 
 
 def time_side_by_side(samplers: dict, batch: int, opts: SampleOptions, repeats: int,
-                      min_seconds: float, prompts: int = 0,
-                      lengths: tuple[int, int] | None = None) -> dict[str, dict]:
-  """Per model, the timing of `batch`-row calls, the models' calls taken in turn.
+                      min_seconds: float, prompts: list[bytes],
+                      count_positions: bool = True) -> dict[str, dict]:
+  """Per model, the timing of `batch`-row calls over `prompts` (at least `batch`), the
+  models' calls taken in turn.
 
   Round robin, one call each, until every model has `repeats` calls and `min_seconds`
   of them: whatever else loads the machine meanwhile loads every model alike.
   """
-  timers = {name: _Timer(s, batch, opts, prompts, lengths) for name, s in samplers.items()}
+  timers = {name: _Timer(s, batch, opts, prompts, count_positions)
+            for name, s in samplers.items()}
   while not all(t.done(repeats, min_seconds) for t in timers.values()):
     for t in timers.values():
       if not t.done(repeats, min_seconds):
@@ -303,9 +303,12 @@ def main(argv=None) -> int:
   rows = []
   samplers = {name: make_sampler(model, cfg, tok, chunk_steps=args.chunk_steps)
               for name, (model, cfg, tok, _) in models.items()}
-  for batch in [int(b) for b in args.batches.split(",")]:
+  batches = [int(b) for b in args.batches.split(",")]
+  # One prompt set for every model and batch (corpus prompts read once).
+  prompts = make_prompts(max(args.prompts, *batches), lengths)
+  for batch in batches:
     timed = time_side_by_side(samplers, batch, opts, args.repeats, args.min_seconds,
-                              args.prompts, lengths)
+                              prompts[:max(args.prompts, batch)], lengths is None)
     for name, (_, cfg, _, source) in models.items():
       bb = cfg.model.backbone
       r = {"model": name, "family": family_of(cfg).name, "source": source, **timed[name],
